@@ -1,0 +1,268 @@
+"""Adapter configuration: ``LoraConfig`` and ``TaskType``, field for field as in Hugging Face PEFT.
+
+The configuration is written next to the weights as ``adapter_config.json``; the JSON uses PEFT's key names and
+``peft_type`` so that PEFT reads lorakit's files and lorakit reads PEFT's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model does; decides which task heads are trained and saved by default."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    @classmethod
+    def parse(cls, value: str | TaskType | None) -> TaskType | None:
+        if value is None or isinstance(value, TaskType):
+            return value
+        try:
+            return cls(str(value).upper())
+        except ValueError:
+            valid = ", ".join(t.value for t in cls)
+            raise ValueError(f"Unknown task_type {value!r}; use one of: {valid}.") from None
+
+
+# Heads that a task trains from scratch: they are trained in full and saved with the adapter, as PEFT does.
+TASK_HEAD_MODULES: dict[TaskType, list[str]] = {
+    TaskType.SEQ_CLS: ["classifier", "score"],
+    TaskType.TOKEN_CLS: ["classifier", "score"],
+    TaskType.QUESTION_ANS: ["qa_outputs"],
+}
+
+
+class PeftType(str, enum.Enum):
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    ADAPTER = "BOTTLENECK_ADAPTER"
+
+
+# Keys PEFT writes that lorakit understands only at their default value; anything else is refused at load time.
+_PEFT_KEYS_AT_DEFAULT: dict[str, Any] = {
+    "revision": None,
+    "auto_mapping": None,
+    "loftq_config": {},
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "layer_replication": None,
+    "runtime_config": {"ephemeral_gpu_offload": False},
+    "lora_bias": False,
+    "eva_config": None,
+    "corda_config": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_qalora": False,
+    "qalora_group_size": 16,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "ensure_weight_tying": False,
+    "layer_replication_config": None,
+    "kasa_config": None,
+    "lora_ga_config": None,
+    "monteclora_config": None,
+    "use_bdlora": None,
+    "velora_config": None,
+}
+# Keys PEFT writes that describe provenance or runtime options, not the adapter's math: read and dropped.
+_PEFT_KEYS_IGNORED = {"peft_version", "auto_mapping", "revision", "megatron_core", "runtime_config"}
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of a LoRA adapter (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+    A wrapped layer computes ``h = W0 x + scaling * B A dropout(x)`` with ``A`` (r x in), ``B`` (out x r) and
+    ``scaling = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023).
+
+    Args:
+        task_type: a :class:`TaskType` (or its name); decides which heads are trained and saved in full.
+        target_modules: list of names, each matching a module whose full name equals it or ends with ``.name``;
+            a string is a regular expression matched against the full name; ``"all-linear"`` means every
+            Linear / Conv1D layer except the output head.
+        exclude_modules: same matching rules; these modules are never adapted.
+        r: rank of the update (> 0).
+        lora_alpha: numerator of the scaling.
+        lora_dropout: dropout probability on the adapter input, in [0, 1).
+        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers train).
+        fan_in_fan_out: the base weight is stored (in, out), as in GPT-2's Conv1D (set automatically for Conv1D).
+        use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
+        use_dora: weight-decomposed LoRA (Liu et al. 2024): ``W' = m * (W0 + s BA) / ||W0 + s BA||_row``.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
+        init_lora_weights: ``True`` = A kaiming-uniform and B zero (output equals the base model at start);
+            ``"gaussian"`` = A normal with std 1/r, B zero; ``False`` = both random (tests of merging).
+        layers_to_transform: layer indices to adapt (with ``layers_pattern`` naming the layer list).
+        layers_pattern: name(s) of the module list holding the layers, e.g. ``"layers"`` or ``"h"``.
+        rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha, keyed by name or regex.
+        inference_mode: freeze everything (adapters loaded for inference).
+        base_model_name_or_path: the model the adapter was trained on (filled in when saving).
+    """
+
+    task_type: TaskType | str | None = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    peft_type: PeftType = field(default=PeftType.LORA, init=False)
+
+    def __post_init__(self) -> None:
+        self.task_type = TaskType.parse(self.task_type)
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field and the accepted values."""
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer (the adapter rank), got {self.r!r}.")
+        for name, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if not math.isfinite(float(self.lora_alpha)):
+            raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
+            )
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern only makes sense together with layers_to_transform.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform:
+            raise ValueError("layers_to_transform needs target_modules as a list, not a regex string.")
+
+    def scaling_for(self, rank: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    # ----------------------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["peft_type"] = self.peft_type.value
+        data["task_type"] = self.task_type.value if self.task_type is not None else None
+        return data
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` atomically (temporary file, then rename)."""
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build a config from PEFT-style JSON: unknown keys warn and are ignored, unsupported features refuse."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", cls.peft_type_name())
+        if peft_type != cls.peft_type_name():
+            raise ValueError(
+                f"This adapter is of type {peft_type!r}, not {cls.peft_type_name()!r}; "
+                f"load it with the matching config class."
+            )
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_KEYS_IGNORED:
+                continue
+            elif key in _PEFT_KEYS_AT_DEFAULT:
+                if value not in (_PEFT_KEYS_AT_DEFAULT[key], None, False, {}, []):
+                    raise ValueError(
+                        f"adapter_config.json sets {key}={value!r}, a PEFT feature lorakit does not support; "
+                        f"only the default ({_PEFT_KEYS_AT_DEFAULT[key]!r}) can be loaded."
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown adapter_config.json keys {sorted(unknown)} (written by a newer library?).",
+                stacklevel=2,
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def peft_type_name(cls) -> str:
+        return cls.__dataclass_fields__["peft_type"].default.value
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> LoraConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {directory}: is this an adapter folder written by save_pretrained?"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt.") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+        return cls.from_dict(data)
+
+
+def load_config(directory: str | os.PathLike) -> LoraConfig:
+    """Read an adapter folder's config, choosing the config class from its ``peft_type``."""
+    path = Path(directory) / CONFIG_NAME
+    peft_type = LoraConfig.peft_type_name()
+    if path.is_file():
+        try:
+            peft_type = json.loads(path.read_text()).get("peft_type", peft_type)
+        except (json.JSONDecodeError, AttributeError):
+            pass  # LoraConfig.from_pretrained reports the corrupt file
+    for config_cls in registered_config_classes():
+        if config_cls.peft_type_name() == peft_type:
+            return config_cls.from_pretrained(directory)
+    raise ValueError(f"{path}: adapter type {peft_type!r} is not supported by lorakit.")
+
+
+_CONFIG_CLASSES: list[type[LoraConfig]] = [LoraConfig]
+
+
+def register_config_class(config_cls: type) -> type:
+    """Let another adapter method (AdaLoRA, bottleneck Adapter) be read by :func:`load_config`."""
+    if config_cls not in _CONFIG_CLASSES:
+        _CONFIG_CLASSES.append(config_cls)
+    return config_cls
+
+
+def registered_config_classes() -> list[type]:
+    return list(_CONFIG_CLASSES)
