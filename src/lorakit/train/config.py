@@ -1,0 +1,286 @@
+"""The training configuration: one flat dataclass, filled from defaults, a YAML file and flags.
+
+Precedence is ``defaults < YAML file < command-line flags``. Every field is a YAML key and a flag;
+``--lora_r 16``, ``--lora-r 16`` and ``--lora.r 16`` mean the same, and in YAML ``lora_r: 16`` equals
+the nested form ``lora: {r: 16}``. Unknown keys are errors that suggest the closest valid key
+(:func:`difflib.get_close_matches`). The defaults are the embedded default run: SmolLM2-135M-Instruct
+on the bundled sample dataset, sized to finish in a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("lora", "dora", "adalora", "adapter")
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATASET_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "text")
+
+# Short names people type; they map onto the real field.
+ALIASES = {
+    "r": "lora_r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "lr": "learning_rate",
+    "epochs": "num_epochs",
+    "batch_size": "micro_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "max_length": "max_seq_length",
+    "scheduler": "lr_scheduler",
+    "data": "dataset",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+def _help(text: str, default: Any, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``lorakit train`` needs. Field defaults are the embedded default run."""
+
+    # -- model and data
+    model: str | None = _help("Base model: local folder, Hub id or .gguf file; empty = SmolLM2-135M.", None)
+    dataset: str | None = _help("Training data file (JSON/JSONL/CSV/Parquet); empty = bundled sample.", None)
+    eval_dataset: str | None = _help(
+        "Held-out data file; empty = bundled sample or eval_split of dataset.", None
+    )
+    eval_split: float = _help("Fraction of dataset held out when no eval_dataset is given.", 0.05)
+    dataset_format: str = _help(f"Record format: {'|'.join(DATASET_FORMATS)}.", "auto")
+    train_on_prompt: bool = _help("Also train on prompt tokens (default: only on responses).", False)
+    max_seq_length: int = _help("Longer sequences are truncated (and counted in the log).", 256)
+    packing: bool = _help("Pack several examples into each sequence of max_seq_length.", False)
+    # -- adapter
+    method: str = _help(f"Adapter method: {'|'.join(METHODS)}.", "lora")
+    lora_r: int = _help("LoRA rank r.", 16)
+    lora_alpha: float = _help(
+        "LoRA scaling alpha (update scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).", 32.0
+    )
+    lora_dropout: float = _help("Dropout on the LoRA input.", 0.0)
+    target_modules: list[str] | None = _help(
+        "Module names to adapt; 'all-linear' = every Linear but the head.", None
+    )
+    modules_to_save: list[str] | None = _help("Extra modules trained fully and saved with the adapter.", None)
+    use_rslora: bool = _help("rsLoRA scaling alpha/sqrt(r) (Kalajdzievski 2023).", False)
+    use_dora: bool = _help("DoRA weight decomposition (Liu et al. 2024); same as method: dora.", False)
+    # -- optimisation
+    learning_rate: float = _help("Peak AdamW learning rate.", 1e-3)
+    loraplus_lr_ratio: float | None = _help("LoRA+ ratio lr_B/lr_A (Hayou et al. 2024); empty = off.", None)
+    loraplus_lr_embedding: float = _help("LoRA+ learning rate of embedding adapters.", 1e-6)
+    weight_decay: float = _help("AdamW weight decay (never applied to 1-D parameters).", 0.0)
+    adam_beta1: float = _help("AdamW beta1.", 0.9)
+    adam_beta2: float = _help("AdamW beta2.", 0.999)
+    adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
+    lr_scheduler: str = _help(f"Learning-rate schedule after warm-up: {'|'.join(SCHEDULERS)}.", "cosine")
+    warmup_steps: int | None = _help("Linear warm-up steps; empty = warmup_ratio * total steps.", None)
+    warmup_ratio: float = _help("Warm-up as a fraction of total steps when warmup_steps is empty.", 0.1)
+    num_epochs: float = _help("Passes over the training data (ignored when max_steps is set).", 1.0)
+    max_steps: int | None = _help("Total optimizer steps; overrides num_epochs.", None)
+    micro_batch_size: int = _help("Sequences per forward pass (per process).", 4)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", 1)
+    max_grad_norm: float = _help("Gradient clipping norm; 0 = off.", 1.0)
+    seed: int = _help("Seed for adapter init, data order and dropout.", 42)
+    precision: str = _help(f"Compute precision: {'|'.join(PRECISIONS)} (bf16/fp16 = autocast).", "fp32")
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", False)
+    load_in_4bit: bool = _help("QLoRA: quantize the base model's Linear layers to 4-bit NF4.", False)
+    compute_dtype: str = _help("Compute dtype of 4-bit layers: bf16|fp16|fp32.", "bf16")
+    # -- run management
+    output_dir: str = _help("Where adapter, checkpoints, metrics and plots go.", "runs/lorakit")
+    eval_steps: int = _help("Evaluate on the held-out split every N steps (0 = only at start and end).", 25)
+    save_steps: int = _help("Write a checkpoint every N steps (0 = only at the end).", 50)
+    save_total_limit: int = _help("Keep the newest K checkpoints.", 2)
+    logging_steps: int = _help("Write a metrics line every N steps.", 1)
+    resume: bool = _help("Continue from the newest complete checkpoint in output_dir.", False)
+    sample_prompts: list[str] | None = _help(
+        "Prompts generated before/after training; empty = 3 held-out.", None
+    )
+    sample_max_new_tokens: int = _help("Tokens generated per sample prompt.", 48)
+    device: str = _help("cpu | cuda | cuda:N | auto.", "auto")
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def field_types() -> dict[str, Any]:
+    """Resolved type hints of the config fields (the module uses postponed annotations)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def normalize_key(key: str) -> str:
+    """``lora.r`` / ``lora-r`` / ``--lora_r`` -> ``lora_r``; aliases such as ``lr`` -> their field."""
+    name = key.lstrip("-").replace(".", "_").replace("-", "_")
+    return ALIASES.get(name, name)
+
+
+def suggest_key(key: str) -> str:
+    """A 'did you mean' hint for an unknown key, or an empty string."""
+    candidates = list(FIELD_NAMES) + list(ALIASES)
+    close = difflib.get_close_matches(normalize_key(key), candidates, n=1, cutoff=0.6)
+    return f" Did you mean '{normalize_key(close[0])}'?" if close else ""
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}_{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether None is allowed) of ``X | None``."""
+    args = typing.get_args(hint)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if is_union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def coerce_value(key: str, value: Any) -> Any:
+    """Convert a YAML or flag value to the field's type, with a clear error when it cannot be."""
+    hint, optional = _base_type(field_types()[key])
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")
+    ):
+        if optional:
+            return None
+        raise ConfigError(f"'{key}' needs a value.")
+    try:
+        if hint is bool:
+            return _parse_bool(value, key)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            return float(value)
+        if typing.get_origin(hint) is list:
+            items = value if isinstance(value, list | tuple) else str(value).split(",")
+            return [str(item).strip() for item in items if str(item).strip()]
+        return str(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        name = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"'{key}' must be {name}, got {value!r}.") from None
+
+
+def _validate(config: TrainConfig) -> None:
+    choices = {
+        "method": METHODS,
+        "lr_scheduler": SCHEDULERS,
+        "precision": PRECISIONS,
+        "dataset_format": DATASET_FORMATS,
+        "compute_dtype": ("bf16", "fp16", "fp32"),
+    }
+    for key, allowed in choices.items():
+        value = getattr(config, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got '{value}'.{hint}")
+    positive = (
+        "lora_r",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "max_seq_length",
+        "learning_rate",
+    )
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"'{key}' must be > 0, got {getattr(config, key)}.")
+    non_negative = ("eval_steps", "save_steps", "max_grad_norm", "weight_decay", "warmup_ratio", "num_epochs")
+    for key in non_negative:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {getattr(config, key)}.")
+    if config.max_steps is not None and config.max_steps <= 0:
+        raise ConfigError(f"'max_steps' must be > 0 (or empty to use num_epochs), got {config.max_steps}.")
+    if config.max_steps is None and config.num_epochs <= 0:
+        raise ConfigError("Set num_epochs > 0 or max_steps.")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ConfigError(f"'lora_dropout' must be in [0, 1), got {config.lora_dropout}.")
+    if not 0.0 <= config.eval_split < 1.0:
+        raise ConfigError(f"'eval_split' must be in [0, 1), got {config.eval_split}.")
+    if config.save_total_limit < 1:
+        raise ConfigError(f"'save_total_limit' must be >= 1, got {config.save_total_limit}.")
+    if config.logging_steps < 1:
+        raise ConfigError(f"'logging_steps' must be >= 1, got {config.logging_steps}.")
+    if config.loraplus_lr_ratio is not None and config.loraplus_lr_ratio <= 0:
+        raise ConfigError(f"'loraplus_lr_ratio' must be > 0, got {config.loraplus_lr_ratio}.")
+
+
+def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from defaults updated by ``values``."""
+    resolved: dict[str, Any] = {}
+    for raw_key, value in _flatten(values).items():
+        key = normalize_key(raw_key)
+        if key not in FIELD_NAMES:
+            raise ConfigError(f"Unknown key '{raw_key}' in {source}.{suggest_key(raw_key)}")
+        resolved[key] = coerce_value(key, value)
+    config = TrainConfig(**resolved)
+    if config.method == "dora":
+        config.use_dora = True
+    _validate(config)
+    return config
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file (safe loader); an empty file is an empty config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' not found.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must be a mapping of key: value lines.")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        for key, value in _flatten(read_yaml(path)).items():
+            values[normalize_key(key)] = value
+            if normalize_key(key) not in FIELD_NAMES:
+                raise ConfigError(f"Unknown key '{key}' in {path}.{suggest_key(key)}")
+    for key, value in (overrides or {}).items():
+        if normalize_key(key) not in FIELD_NAMES:
+            raise ConfigError(f"Unknown option '--{key}'.{suggest_key(key)}")
+        values[normalize_key(key)] = value
+    return config_from_dict(values, source=str(path) if path else "flags")
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML that :func:`load_config` reads back to an equal config."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
