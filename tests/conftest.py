@@ -18,10 +18,11 @@ def tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, **overrides,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
     )
+    config = LlamaConfig(**(settings | overrides))
     return LlamaForCausalLM(config).eval()
 
 

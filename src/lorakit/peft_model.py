@@ -16,7 +16,12 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.config import LoraConfig, PeftType, load_config
-from lorakit.serialization import adapter_state_dict, load_adapter_weights, load_into_model, save_adapter_weights
+from lorakit.serialization import (
+    adapter_state_dict,
+    load_adapter_weights,
+    load_into_model,
+    save_adapter_weights,
+)
 from lorakit.tuner import LoraModel
 
 # Tuner class per method; AdaLoRA and the bottleneck Adapter register theirs (see lorakit.config).
