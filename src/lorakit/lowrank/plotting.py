@@ -65,3 +65,19 @@ def plot_spectra(
     figure.tight_layout()
     figure.savefig(path)
     return Path(path)
+
+
+def plot_similarity(grids: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Write ``phi(i, i)`` against ``i`` for each layer's similarity grid (LoRA section 7.2) to ``path``."""
+    figure = _new_figure((8, 5))
+    axes = figure.add_subplot()
+    for name, grid in grids.items():
+        diagonal = np.diagonal(np.asarray(grid))
+        axes.plot(np.arange(1, diagonal.size + 1), diagonal, marker=".", label=name)
+    axes.set(xlabel="i (top-i directions of both adapters)", ylabel="phi(i, i)", ylim=(-0.02, 1.02))
+    axes.set_title("Subspace similarity ||U_i^T V_i||_F^2 / i")
+    axes.grid(True)
+    if 0 < len(grids) <= 12:
+        axes.legend(fontsize="small")
+    figure.savefig(path)
+    return Path(path)
