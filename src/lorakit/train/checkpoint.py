@@ -1,0 +1,231 @@
+"""Crash-safe checkpoints: safetensors + JSON only, written to a temp folder and renamed into place.
+
+A checkpoint ``<output_dir>/checkpoints/step-00000120/`` holds
+
+* ``adapter/``                  the adapter in PEFT format (``save_pretrained``), for users;
+* ``trainable.safetensors``     every trainable parameter by its exact name, for a bit-exact resume;
+* ``optimizer.safetensors``     optimizer state tensors, keyed ``<parameter name>/<state key>``;
+* ``optimizer.json``            the index: parameter groups (hyper-parameters, parameter names) and
+                                the non-tensor state values;
+* ``rng.safetensors``           RNG states of every rank, keyed ``rank<r>/<generator>``;
+* ``trainer_state.json``        step, data position, scheduler and scaler state; written last.
+
+Writing goes to ``.tmp-step-...`` and ends with one ``os.rename`` (atomic on POSIX), so a folder with
+a final name is complete; a run killed mid-write leaves only a ``.tmp-*`` folder, which is ignored
+and cleaned up. Old checkpoints are first renamed to ``.trash-*`` and then deleted, for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+REQUIRED_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors")
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message says why."""
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, detached, contiguous, on CPU."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable parameters back in place; names and shapes must match exactly."""
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(parameters) != set(tensors):
+        missing = sorted(set(parameters) - set(tensors))[:3]
+        extra = sorted(set(tensors) - set(parameters))[:3]
+        raise CheckpointError(
+            f"Checkpoint parameters do not match the model (missing {missing}, unexpected {extra}); "
+            "resume with the same model and adapter settings, or use a new output_dir."
+        )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if parameter.shape != tensors[name].shape:
+                raise CheckpointError(
+                    f"Shape of '{name}' differs: {tuple(tensors[name].shape)} in checkpoint."
+                )
+            parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
+
+
+def optimizer_to_safetensors(
+    optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors and a JSON index keyed by parameter name."""
+    state_dict = optimizer.state_dict()
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for index, per_param in state_dict["state"].items():
+        name = ordered[index]
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                values.setdefault(name, {})[key] = value
+    groups = []
+    for group in state_dict["param_groups"]:
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        settings["params"] = [ordered[i] for i in group["params"]]
+        groups.append(settings)
+    return tensors, {"param_groups": groups, "values": values, "tuple_keys": _tuple_keys(state_dict)}
+
+
+def _tuple_keys(state_dict: dict[str, Any]) -> list[str]:
+    return sorted(
+        {k for group in state_dict["param_groups"] for k, v in group.items() if isinstance(v, tuple)}
+    )
+
+
+def optimizer_from_safetensors(
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    tensors: dict[str, torch.Tensor],
+    index: dict[str, Any],
+) -> None:
+    """Load what :func:`optimizer_to_safetensors` wrote into ``optimizer`` (same parameter order)."""
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = [name for group in index["param_groups"] for name in group["params"]]
+    if ordered != saved:
+        raise CheckpointError(
+            "Optimizer parameters differ from the checkpoint; resume with the same settings."
+        )
+    position = {name: i for i, name in enumerate(ordered)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        name, _, state_key = key.rpartition("/")
+        state.setdefault(position[name], {})[state_key] = tensor
+    for name, extra in index["values"].items():
+        state.setdefault(position[name], {}).update(extra)
+    groups = []
+    for group in index["param_groups"]:
+        settings = {k: (tuple(v) if k in index["tuple_keys"] else v) for k, v in group.items()}
+        settings["params"] = [position[name] for name in group["params"]]
+        groups.append(settings)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    rng_states: dict[str, torch.Tensor],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically under ``root`` and keep only the newest ``keep``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    temp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir()
+    names = {id(p): n for n, p in model.named_parameters()}
+    model.save_pretrained(str(temp / "adapter"))
+    save_file(trainable_state(model), str(temp / "trainable.safetensors"))
+    tensors, index = optimizer_to_safetensors(optimizer, names)
+    save_file(tensors, str(temp / "optimizer.safetensors"))
+    write_json(temp / "optimizer.json", index)
+    save_file({k: v.contiguous() for k, v in rng_states.items()}, str(temp / "rng.safetensors"))
+    write_json(temp / STATE_FILE, {**trainer_state, "step": step, "files": list(REQUIRED_FILES)})
+    _fsync_tree(temp)
+    if final.exists():  # an older run's checkpoint of the same step: replace it
+        _discard(final)
+    os.rename(temp, final)
+    _fsync_dir(root)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def _discard(folder: Path) -> None:
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def is_complete(folder: Path) -> bool:
+    """A final-named folder whose state file parses and whose listed files all exist."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    files = state.get("files", REQUIRED_FILES)
+    return all((folder / name).is_file() for name in files) and (folder / "adapter").is_dir()
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as (step, folder), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        match = STEP_DIR.match(folder.name)
+        if match and folder.is_dir() and is_complete(folder):
+            found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint, or None; partial (``.tmp-*``) folders never count."""
+    checkpoints = list_checkpoints(root)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
+    for _, folder in list_checkpoints(root)[:-keep]:
+        _discard(folder)
+
+
+def clean_partial(root: Path) -> None:
+    """Remove leftovers of interrupted writes and deletions (``.tmp-*``, ``.trash-*``)."""
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """Everything in a checkpoint, read from safetensors and JSON only."""
+    return {
+        "trainable": load_file(str(folder / "trainable.safetensors")),
+        "optimizer_tensors": load_file(str(folder / "optimizer.safetensors")),
+        "optimizer_index": json.loads((folder / "optimizer.json").read_text(encoding="utf-8")),
+        "rng": load_file(str(folder / "rng.safetensors")),
+        "trainer_state": json.loads((folder / STATE_FILE).read_text(encoding="utf-8")),
+    }
