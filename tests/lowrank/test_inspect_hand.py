@@ -142,6 +142,13 @@ def test_other_tensors_are_ignored_and_listed(tmp_path):
     assert report.ignored_keys == [PREFIX + "embed.base_layer.weight"]
 
 
+def test_keys_with_adapter_names(tmp_path):
+    tensors = {"model.q.lora_A.first.weight": A_341, "model.q.lora_B.first.weight": B_341}
+    (layer,) = read_adapter(write_adapter(tmp_path / "n", {"r": 3, "lora_alpha": 3}, tensors)).layers
+    assert layer.name == "model.q[first]"
+    np.testing.assert_allclose(layer.delta(), B_341 @ A_341, atol=1e-6)
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 

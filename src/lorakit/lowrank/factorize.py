@@ -63,7 +63,8 @@ class FactorizationDivergedError(FactorizationError):
 class FactorizationResult:
     """Outcome of :func:`factorize`.
 
-    ``A`` (m x r) and ``B`` (r x n) are the learned factors and ``approximation = A @ B``.
+    ``A`` (m x r) and ``B`` (r x n) are the learned factors, ``approximation = A @ B`` and ``target``
+    the matrix ``W`` (as float64).
     ``loss_history[i]`` is ``||W - A B||_F^2`` after epoch ``i``. ``svd_optimum_loss`` is the
     smallest rank-r loss any method can reach (Eckart-Young), ``singular_values`` those of ``W``.
     """
@@ -78,8 +79,8 @@ class FactorizationResult:
     lr: float
     epochs: int
     init: str
-    seed: int | None = None
-    target: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    seed: int | None
+    target: np.ndarray = field(repr=False)
 
     @property
     def final_loss(self) -> float:
