@@ -1,8 +1,9 @@
 """lorakit: LoRA fine-tuning for PyTorch and Hugging Face transformers, with PEFT's API and file format."""
 
 from lorakit.config import LoraConfig, PeftType, TaskType
+from lorakit.lowrank import factorize
 from lorakit.peft_model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "PeftModel", "PeftType", "TaskType", "get_peft_model", "__version__"]
+__all__ = ["LoraConfig", "PeftModel", "PeftType", "TaskType", "factorize", "get_peft_model", "__version__"]

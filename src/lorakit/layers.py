@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora_ops import lora_update_, mixed_batch_update
+
 try:  # GPT-2 style layer that stores its weight as (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the core works without it
@@ -56,6 +58,8 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._dora_merge_factor: dict[str, torch.Tensor] = {}
+        # Set for the duration of one forward by PeftModel(..., adapter_names=[...]): the adapter of each row.
+        self.row_adapters: list[str] | None = None
 
     # ----------------------------------------------------------------------------------- subclass interface
     def _create_weights(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -201,6 +205,17 @@ class LoraLayer(nn.Module):
     def _adapters_to_run(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.r]
 
+    def _check_mixed_batch(self, x: torch.Tensor) -> None:
+        if self.training:
+            raise ValueError("adapter_names (one adapter per batch row) is for inference; call model.eval() first.")
+        if len(self.row_adapters) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(self.row_adapters)} entries but the batch has {x.shape[0]} rows; "
+                f"give one adapter name (or '__base__') per row."
+            )
+        if any(self.use_dora.get(n) for n in self.row_adapters):
+            raise ValueError("Mixed-adapter batches are not supported with DoRA adapters.")
+
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
 
@@ -250,17 +265,29 @@ class Linear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        if self.row_adapters is not None:
+            return self._mixed_batch_forward(x, result)
         for name in self._adapters_to_run():
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             dropout = self.lora_dropout[name]
-            x_adapter = dropout(x.to(lora_A.weight.dtype))
             if self.use_dora.get(name):
+                x_adapter = dropout(x.to(lora_A.weight.dtype))
                 undropped = isinstance(dropout, nn.Identity) or not self.training
                 update = self._dora_update(name, x_adapter, result if undropped else None)
+                result = result + update.to(result.dtype)
             else:
-                update = lora_B(lora_A(x_adapter)) * self.scaling[name]
-            result = result + update.to(result.dtype)
+                p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+                result = lora_update_(result, x, lora_A.weight, lora_B.weight, self.scaling[name], p, self.training)
         return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        self._check_mixed_batch(x)
+        wanted = set(self.row_adapters)
+        weights = {
+            n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in self.r if n in wanted
+        }
+        update = mixed_batch_update(x, self.row_adapters, weights, self.out_features)
+        return result + update.to(result.dtype)
 
     def _dora_update(self, name: str, x: torch.Tensor, base_result: torch.Tensor | None) -> torch.Tensor:
         """``(m/n - 1) W0 x + (m/n) s B A x`` with ``n`` the detached row norm of ``W0 + s BA``."""
@@ -326,6 +353,8 @@ class Embedding(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        if self.row_adapters is not None:
+            return result + self._mixed_batch_update(x).to(result.dtype)
         for name in self._adapters_to_run():
             embedding_A = self.lora_embedding_A[name]
             update = (self._embed(x, embedding_A.T) @ self.lora_embedding_B[name].T) * self.scaling[name]
@@ -337,6 +366,28 @@ class Embedding(LoraLayer):
             else:
                 result = result + update.to(result.dtype)
         return result
+
+
+    def _mixed_batch_update(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-row adapter: gather each token's row of ``A^T`` from the row's adapter, then one ``bmm`` with B."""
+        self._check_mixed_batch(input_ids)
+        names = sorted(n for n in set(self.row_adapters) if n in self.r)
+        dtype = self._adapter_dtype_device()[0]
+        batch = input_ids.shape[0]
+        if not names:
+            return torch.zeros(*input_ids.shape, self.out_features, dtype=dtype, device=input_ids.device)
+        max_r = max(self.r[n] for n in names)
+        tables = input_ids.new_zeros((len(names) + 1, self.in_features, max_r), dtype=dtype)
+        stacked_B = input_ids.new_zeros((len(names) + 1, self.out_features, max_r), dtype=dtype)
+        for slot, name in enumerate(names):
+            tables[slot, :, : self.r[name]] = self.lora_embedding_A[name].T
+            stacked_B[slot, :, : self.r[name]] = self.lora_embedding_B[name] * self.scaling[name]
+        slot_of = {name: slot for slot, name in enumerate(names)}
+        index = torch.tensor([slot_of.get(n, len(names)) for n in self.row_adapters], device=input_ids.device)
+        ids = input_ids.reshape(batch, -1)
+        after_A = tables[index[:, None], ids]  # (batch, tokens, r)
+        update = torch.bmm(after_A, stacked_B[index].transpose(1, 2))
+        return update.reshape(*input_ids.shape, self.out_features)
 
 
 class Conv2d(LoraLayer):
@@ -385,6 +436,8 @@ class Conv2d(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        if self.row_adapters is not None:
+            raise ValueError("Mixed-adapter batches (adapter_names) are supported on Linear and Embedding layers only.")
         for name in self._adapters_to_run():
             x_adapter = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
             update = self.lora_B[name](self.lora_A[name](x_adapter)) * self.scaling[name]

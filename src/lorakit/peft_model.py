@@ -62,8 +62,11 @@ class PeftModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        with self.base_model.mixed_batch(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ inspection
     @property

@@ -22,6 +22,8 @@ from lorakit.inject import (
     save_wrappers,
 )
 
+BASE_ADAPTER = "__base__"
+
 
 def with_task_heads(config: LoraConfig) -> LoraConfig:
     """A copy of ``config`` whose modules_to_save also holds the heads its task trains from scratch."""
@@ -45,8 +47,29 @@ class LoraModel(nn.Module):
         self.active_adapter: str | list[str] = adapter_name
         self.add_adapter(adapter_name, config)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+        """Inside the block, batch row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"Unknown adapter(s) {unknown} in adapter_names; existing: {list(self.peft_config)} "
+                f"(or {BASE_ADAPTER!r} for the base model)."
+            )
+        layers = [layer for _, layer in lora_layers(self.model)]
+        for layer in layers:
+            layer.row_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.row_adapters = None
 
     def __getattr__(self, name: str):
         try:

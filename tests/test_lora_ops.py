@@ -1,0 +1,131 @@
+"""The fused LoRA update and the mixed-adapter batch against the straightforward formulas."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.layers import Linear
+from lorakit.lora_ops import _dropout_scale, lora_update_
+from tests.conftest import LLAMA_PROJECTIONS, tiny_llama
+
+
+def _reference(base_out, x, A, B, scaling, scale_mask=None):
+    xd = x if scale_mask is None else x * scale_mask.view_as(x)
+    return base_out + scaling * (xd @ A.T) @ B.T
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_update_and_its_gradients_equal_the_formula(p):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    W = torch.randn(7, 6)
+    A = torch.randn(3, 6, requires_grad=True)
+    B = torch.randn(7, 3, requires_grad=True)
+    upstream = torch.randn(2, 5, 7)
+
+    torch.manual_seed(42)
+    out = lora_update_(x @ W.T, x, A, B, 1.5, p, training=True)
+    (out * upstream).sum().backward()
+    fused = [out.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()]
+    for t in (x, A, B):
+        t.grad = None
+
+    torch.manual_seed(42)  # the same seed draw as inside lora_update_
+    mask = None
+    if p > 0:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        mask = _dropout_scale(torch.Size((10, 6)), p, seed, x.device, x.dtype)
+        assert 0.1 < (mask == 0).float().mean() < 0.5  # about p of the inputs dropped
+    ref = _reference(x @ W.T, x, A, B, 1.5, mask)
+    (ref * upstream).sum().backward()
+    for got, want in zip(fused, [ref.detach(), x.grad, A.grad, B.grad]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dropped_input_is_not_stored_for_backward():
+    """q, k and v share their input: the graph keeps that input once, not one dropped copy per adapter."""
+    torch.manual_seed(0)
+    tokens, width, r = 64, 32, 4
+    layers = []
+    for _ in range(3):
+        layer = Linear(nn.Linear(width, width))
+        layer.update_layer("default", r, 8, 0.1, True)
+        layer.base_layer.requires_grad_(False)
+        layers.append(layer.train())
+    x = torch.randn(tokens, width, requires_grad=True)
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = [layer(x) for layer in layers]
+    parameters = {p.untyped_storage().data_ptr() for layer in layers for p in layer.parameters()}
+    activation_bytes = sum(nbytes for ptr, nbytes in saved.items() if ptr not in parameters)
+    # x once (tokens*width floats) plus each adapter's h (tokens*r floats); PEFT also keeps 3 dropped copies
+    assert activation_bytes == 4 * (tokens * width + 3 * tokens * r)
+    sum(o.sum() for o in outputs).backward()
+    assert all(layer.lora_A["default"].weight.grad is not None for layer in layers)
+
+
+def test_bf16_base_with_fp32_adapter():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    A, B = torch.randn(2, 8), torch.randn(8, 2)
+    base = torch.randn(4, 8, dtype=torch.bfloat16)
+    out = lora_update_(base.clone(), x, A, B, 0.5)
+    torch.testing.assert_close(out, _reference(base.float(), x.float(), A, B, 0.5).bfloat16(), atol=0.05, rtol=0.02)
+
+
+def _llama_with_adapters(tmp_path, n_adapters=4):
+    """PEFT makes n random adapters and saves them; the same files load into lorakit."""
+    theirs = None
+    for i in range(n_adapters):
+        torch.manual_seed(100 + i)
+        config = peft.LoraConfig(target_modules=LLAMA_PROJECTIONS + ["embed_tokens"], r=2 + 2 * i,
+                                 init_lora_weights=False)
+        if theirs is None:
+            theirs = peft.get_peft_model(tiny_llama(), config, adapter_name=f"a{i}")
+        else:
+            theirs.add_adapter(f"a{i}", config)
+    theirs.save_pretrained(tmp_path)
+    ours = lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a0", adapter_name="a0")
+    for i in range(1, n_adapters):
+        ours.load_adapter(tmp_path / f"a{i}", adapter_name=f"a{i}")
+    return ours.eval(), theirs.eval()
+
+
+def test_mixed_adapter_batch_equals_one_adapter_at_a_time_and_peft(tmp_path):
+    ours, theirs = _llama_with_adapters(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (8, 10), generator=generator)
+    rows = ["a0", "a1", "__base__", "a3", "a2", "a0", "a3", "__base__"]
+    with torch.no_grad():
+        mixed = ours(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with ours.disable_adapter():
+                    expected = ours(input_ids=ids[i:i + 1]).logits
+            else:
+                ours.set_adapter(name)
+                expected = ours(input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=0)
+        peft_mixed = theirs(input_ids=ids, adapter_names=rows).logits
+    torch.testing.assert_close(mixed, peft_mixed, atol=1e-5, rtol=0)
+
+
+def test_mixed_batch_errors(tmp_path):
+    ours, _ = _llama_with_adapters(tmp_path, n_adapters=2)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="Unknown adapter.*'zz'"):
+        ours(input_ids=ids, adapter_names=["a0", "zz"])
+    with pytest.raises(ValueError, match="3 entries but the batch has 2 rows"):
+        ours(input_ids=ids, adapter_names=["a0", "a1", "a0"])
+    ours.train()
+    with pytest.raises(ValueError, match="for inference"):
+        ours(input_ids=ids, adapter_names=["a0", "a1"])
