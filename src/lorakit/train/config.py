@@ -103,6 +103,9 @@ class TrainConfig:
     save_total_limit: int = _help("Keep the newest K checkpoints.", 2)
     logging_steps: int = _help("Write a metrics line every N steps.", 1)
     resume: bool = _help("Continue from the newest complete checkpoint in output_dir.", False)
+    overwrite_output_dir: bool = _help(
+        "Start over even if output_dir holds checkpoints of an earlier run.", False
+    )
     sample_prompts: list[str] | None = _help(
         "Prompts generated before/after training; empty = 3 held-out.", None
     )

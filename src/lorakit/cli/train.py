@@ -1,0 +1,115 @@
+"""``lorakit train [config.yaml] [--key value ...]``: fine-tune an adapter (see docs/training.md).
+
+Every config key is a flag; ``--lora.r 16``, ``--lora-r 16``, ``--lora_r 16`` and ``--r 16`` are the
+same. ``--print-config`` shows the resolved config as YAML and exits. Under ``torchrun`` the same
+command trains data-parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any
+
+from lorakit.train.config import (
+    FIELD_NAMES,
+    ConfigError,
+    TrainConfig,
+    config_to_yaml,
+    field_types,
+    load_config,
+    normalize_key,
+    suggest_key,
+)
+
+PASSTHROUGH = {"--help", "-h", "--print-config", "--print_config", "--"}
+
+
+class _TrainArgumentParser(argparse.ArgumentParser):
+    """Accepts dotted/dashed spellings and turns unknown options into errors with a suggestion."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = [_normalize_token(token) for token in (sys.argv[1:] if args is None else args)]
+        parsed, extras = super().parse_known_args(args, namespace)
+        for token in extras:
+            if token.startswith("-"):
+                self.error(f"unknown option '{token}'.{suggest_key(token.split('=', 1)[0])}")
+            self.error(f"unexpected argument '{token}' (only one config file can be given)")
+        return parsed, []
+
+
+def _normalize_token(token: str) -> str:
+    if not token.startswith("--") or token in PASSTHROUGH:
+        return token
+    name, equals, value = token.partition("=")
+    key = normalize_key(name)
+    return f"--{key}{equals}{value}" if key in FIELD_NAMES else token
+
+
+def _type_name(hint: Any) -> str:
+    """'bool', 'int', 'float', 'str' or 'list' for a field annotation (``X | None`` -> X)."""
+    for candidate in (bool, int, float, str):
+        if hint is candidate or candidate in typing.get_args(hint):
+            return candidate.__name__
+    return "list"
+
+
+def _add_field_options(parser: argparse.ArgumentParser) -> None:
+    types = field_types()
+    for spec in dataclasses.fields(TrainConfig):
+        text = f"{spec.metadata.get('help', '')} (default: {spec.default})"
+        kind = _type_name(types[spec.name])
+        kwargs: dict[str, Any] = dict(dest=spec.name, default=argparse.SUPPRESS, help=text)
+        if kind == "bool":
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif kind == "list":
+            kwargs.update(nargs="+", metavar="NAME")
+        else:
+            kwargs.update(metavar=kind.upper())
+        parser.add_argument(f"--{spec.name}", **kwargs)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a LoRA adapter (no arguments: SmolLM2-135M on the bundled sample data)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        usage="lorakit train [config.yaml] [--key value ...] [--print-config]",
+    )
+    parser.__class__ = _TrainArgumentParser
+    parser.add_argument("config", nargs="?", default=None, help="YAML config file (flat key: value lines)")
+    parser.add_argument(
+        "--print-config", "--print_config", action="store_true", help="print the resolved config"
+    )
+    _add_field_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"lorakit train: error: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
+    return _train(config)
+
+
+def _train(config: TrainConfig) -> int:
+    from lorakit.data import DatasetError
+    from lorakit.train.checkpoint import CheckpointError
+    from lorakit.train.loop import TrainingDiverged, train
+
+    try:
+        train(config)
+    except (ConfigError, DatasetError, CheckpointError, TrainingDiverged, FileNotFoundError) as error:
+        print(f"lorakit train: error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,55 @@
+"""Loading a base model with an adapter (or a merged model) for merge, generate, chat and eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit import PeftModel
+from lorakit.models import load_model, load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str | None:
+    """``base_model_name_or_path`` recorded in the adapter's ``adapter_config.json``."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not an adapter folder (no adapter_config.json).")
+    return json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+
+
+def resolve_base(model: str | None, adapter: str | None) -> str | None:
+    """``--model`` if given, else the adapter's recorded base, else the embedded default (None)."""
+    if model:
+        return model
+    return adapter_base_model(adapter) if adapter else None
+
+
+def load_for_inference(
+    model: str | None,
+    adapter: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "fp32",
+    load_in_4bit: bool = False,
+) -> tuple[nn.Module, Any]:
+    """``(model in eval mode, tokenizer)``: base + adapter when ``adapter`` is given."""
+    target = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    base = resolve_base(model, adapter)
+    tokenizer = load_tokenizer(base)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    network = load_model(base, dtype=DTYPES[dtype], load_in_4bit=load_in_4bit, device=target)
+    network.to(target)
+    if adapter:
+        network = PeftModel.from_pretrained(network, adapter)
+        network.to(target)
+    network.eval()
+    return network, tokenizer

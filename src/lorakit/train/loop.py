@@ -1,0 +1,411 @@
+"""The training loop: token-normalised accumulation, evaluation, checkpoints, resume.
+
+One optimizer step (see :mod:`lorakit.train.batching` for the math):
+
+1. count the trained tokens ``N`` of this step's micro-batches, summed over ranks;
+2. for each micro-batch: ``(sum of token cross-entropies) / N`` -> backward;
+3. sum gradients over ranks, clip to ``max_grad_norm``, set the scheduled lr, AdamW step.
+
+Only rank 0 writes files and prints. Every ``save_steps`` a checkpoint is written atomically; with
+``resume`` the newest complete one restores adapter, optimizer, RNG states and data position, so an
+interrupted run ends with exactly the adapter of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lorakit.data import collate
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.adapters import attach_adapter
+from lorakit.train.batching import count_trained_tokens, epoch_order, rank_micro_batches, token_loss_sum
+from lorakit.train.config import TrainConfig, config_to_yaml
+from lorakit.train.data_prep import PreparedData, prepare_data
+from lorakit.train.distributed import (
+    Distributed,
+    all_reduce_gradients,
+    all_reduce_sum,
+    barrier,
+    gather_tensors,
+    init_distributed,
+    shutdown,
+)
+from lorakit.train.evaluation import loss_sum_and_tokens
+from lorakit.train.metrics import (
+    MetricsLog,
+    format_summary,
+    peak_memory_bytes,
+    perplexity,
+    read_metrics,
+    truncate_metrics,
+)
+from lorakit.train.plot import plot_loss_curves
+from lorakit.train.rng import capture_rng_state, restore_rng_state
+from lorakit.train.samples import before_after, print_before_after, record_prompt
+from lorakit.train.schedule import set_learning_rates
+from lorakit.train.setup import Plan, autocast_context, build_optimizer, load_base, make_plan, seed_everything
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class RunState:
+    """What changes from step to step (and is saved in ``trainer_state.json``)."""
+
+    step: int = 0
+    trained_tokens: int = 0
+    train_time_s: float = 0.0
+    eval_loss_start: float | None = None
+    eval_loss_end: float | None = None
+    last_checkpoint: str | None = None
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run ``config`` (under torchrun: data-parallel over all ranks)."""
+    context = init_distributed(config.device)
+    try:
+        return Trainer(config, context).run()
+    finally:
+        shutdown(context)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, context: Distributed) -> None:
+        self.config, self.context = config, context
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=context.is_main)
+        self.state = RunState()
+        self.bar: tqdm | None = None
+        self._orders: dict[int, list[int]] = {}
+
+    def say(self, message: str) -> None:
+        if self.context.is_main:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        config = self.config
+        seed_everything(config.seed)
+        self.model, self.tokenizer = load_base(config, self.context.device)
+        self.data: PreparedData = prepare_data(config, self.tokenizer, self.say)
+        self.plan: Plan = make_plan(config, len(self.data.train), self.context.world_size)
+        self.model = attach_adapter(self.model, config, self.plan.total_steps)
+        torch.manual_seed(config.seed + 1_000_003 * (self.context.rank + 1))  # per-rank dropout stream
+        self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.base_lrs = build_optimizer(self.model, config)
+        fp16 = config.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.context.device.type, enabled=fp16) if fp16 else None
+        self.pad_id = self.tokenizer.pad_token_id
+        trainable, total = self.model.get_nb_trainable_parameters()
+        self.param_counts = (trainable, total)
+        self.say(
+            f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.3f}%); "
+            f"{self.plan.total_steps} steps of {self.plan.global_batch} sequences "
+            f"({self.plan.steps_per_epoch} per epoch, {self.context.world_size} process(es))"
+        )
+
+    # -------------------------------------------------------------------------------------------- data
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's collated micro-batches for optimizer step ``step`` (a pure function of it)."""
+        epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.plan.num_examples, self.config.seed, epoch)}
+        groups = rank_micro_batches(
+            self._orders[epoch],
+            step_in_epoch,
+            micro_batch=self.config.micro_batch_size,
+            accumulation=self.config.gradient_accumulation_steps,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+        )
+        return [collate([self.data.train[i] for i in group], self.pad_id) for group in groups if group]
+
+    # -------------------------------------------------------------------------------------------- step
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        local_tokens = sum(count_trained_tokens(b["labels"]) for b in batches)
+        tokens = all_reduce_sum(self.context, torch.tensor([float(local_tokens)], device=self.context.device))
+        global_tokens = max(tokens.item(), 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
+        for batch in batches:
+            batch = {k: v.to(self.context.device) for k, v in batch.items()}
+            with autocast_context(self.config.precision, self.context.device):
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+            micro_loss = token_loss_sum(logits, batch["labels"])
+            scaled = micro_loss / global_tokens
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += micro_loss.detach().double()
+        loss = all_reduce_sum(self.context, loss_sum).item() / global_tokens
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._diverged_message("loss", loss))
+        all_reduce_gradients(self.context, self.trainable)
+        grad_norm = self._clip_gradients()
+        lr = set_learning_rates(
+            self.optimizer,
+            self.base_lrs,
+            self.state.step,
+            self.plan.total_steps,
+            self.plan.warmup_steps,
+            self.config.lr_scheduler,
+        )
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens.item())}
+
+    def _clip_gradients(self) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
+        if not math.isfinite(norm) and self.scaler is None:
+            raise TrainingDiverged(self._diverged_message("gradient norm", norm))
+        return norm
+
+    def _diverged_message(self, what: str, value: float) -> str:
+        kept = self.state.last_checkpoint or "none written yet"
+        return (
+            f"Training stopped: the {what} became {value} at step {self.state.step + 1}. "
+            f"Last good checkpoint: {kept}. Lower learning_rate, use precision fp32 or bf16, "
+            "or check the data for broken examples."
+        )
+
+    # -------------------------------------------------------------------------------------------- eval
+    def evaluate(self) -> tuple[float | None, int]:
+        """Mean token loss on the held-out set: each rank takes every world_size-th example, sums are reduced."""
+        if not self.data.eval:
+            return None, 0
+        shard = self.data.eval[self.context.rank :: self.context.world_size]
+        loss_sum, tokens = loss_sum_and_tokens(
+            self.model,
+            shard,
+            self.pad_id,
+            batch_size=self.config.micro_batch_size,
+            precision=self.config.precision,
+        )
+        totals = all_reduce_sum(
+            self.context, torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.context.device)
+        )
+        return totals[0].item() / max(totals[1].item(), 1.0), int(totals[1].item())
+
+    def log_eval(self) -> float | None:
+        loss, tokens = self.evaluate()
+        if loss is not None:
+            record = {
+                "step": self.state.step,
+                "eval_loss": loss,
+                "eval_ppl": perplexity(loss),
+                "eval_tokens": tokens,
+            }
+            self.metrics.write(record)
+            self.say(f"step {self.state.step}: held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+        return loss
+
+    # ------------------------------------------------------------------------------- checkpoint/resume
+    def save(self) -> None:
+        rng = gather_tensors(self.context, capture_rng_state())
+        if self.context.is_main:
+            state = {
+                **dataclasses.asdict(self.state),
+                "plan": self.plan.as_dict(),
+                "world_size": self.context.world_size,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "lr_scheduler": {"kind": self.config.lr_scheduler, "base_lrs": self.base_lrs},
+                "config": dataclasses.asdict(self.config),
+            }
+            folder = ckpt.save_checkpoint(
+                self.checkpoint_root,
+                self.state.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                trainer_state=state,
+                rng_states=rng,
+                keep=self.config.save_total_limit,
+            )
+            self.say(f"step {self.state.step}: checkpoint {folder}")
+        self.state.last_checkpoint = str(self.checkpoint_root / f"step-{self.state.step:08d}")
+        barrier(self.context)
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint; False when there is none."""
+        folder = ckpt.latest_checkpoint(self.checkpoint_root)
+        if folder is None:
+            self.say(f"resume: no complete checkpoint in {self.checkpoint_root}; starting from step 0")
+            return False
+        saved = ckpt.read_checkpoint(folder)
+        trainer_state = saved["trainer_state"]
+        self._check_compatible(trainer_state, folder)
+        ckpt.load_trainable_state(self.model, saved["trainable"])
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        ckpt.optimizer_from_safetensors(
+            self.optimizer, names, saved["optimizer_tensors"], saved["optimizer_index"]
+        )
+        if self.scaler is not None and trainer_state.get("scaler"):
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        prefix = f"rank{self.context.rank}/"
+        restore_rng_state({k[len(prefix) :]: v for k, v in saved["rng"].items() if k.startswith(prefix)})
+        fields = {f.name for f in dataclasses.fields(RunState)}
+        self.state = RunState(**{k: v for k, v in trainer_state.items() if k in fields})
+        self.state.last_checkpoint = str(folder)
+        if self.context.is_main:
+            truncate_metrics(self.metrics.path, self.state.step)
+        self.say(f"resume: continuing from {folder} (step {self.state.step} of {self.plan.total_steps})")
+        return True
+
+    def _check_compatible(self, trainer_state: dict[str, Any], folder: Path) -> None:
+        saved_plan, world = trainer_state.get("plan", {}), trainer_state.get("world_size")
+        if saved_plan != self.plan.as_dict() or world != self.context.world_size:
+            raise ckpt.CheckpointError(
+                f"{folder} was written by a run with plan {saved_plan} on {world} process(es); this run has "
+                f"{self.plan.as_dict()} on {self.context.world_size}. Resume with the same data, batch sizes, "
+                "steps and number of processes, or use a new output_dir."
+            )
+
+    # --------------------------------------------------------------------------------------------- run
+    def run(self) -> TrainResult:
+        self._check_output_dir()
+        self.setup()
+        if self.context.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(self.checkpoint_root)
+            (self.output_dir / "config.yaml").write_text(config_to_yaml(self.config), encoding="utf-8")
+        barrier(self.context)
+        resumed = self.config.resume and self.resume()
+        if not resumed:
+            if self.context.is_main and self.metrics.path.exists():
+                self.metrics.path.unlink()
+            self.state.eval_loss_start = self.log_eval()
+        self.train_loop()
+        return self.finish()
+
+    def _check_output_dir(self) -> None:
+        """A fresh run never silently overwrites the checkpoints of an earlier one."""
+        previous = ckpt.latest_checkpoint(self.checkpoint_root)
+        if previous is None or self.config.resume:
+            return
+        if not self.config.overwrite_output_dir:
+            raise ckpt.CheckpointError(
+                f"{self.output_dir} already holds checkpoints of an earlier run (newest: {previous.name}). "
+                "Use --resume to continue it, --output_dir DIR for a new run, or --overwrite_output_dir to start over."
+            )
+        barrier(self.context)
+        if self.context.is_main:
+            shutil.rmtree(self.checkpoint_root)
+        barrier(self.context)
+
+    def train_loop(self) -> None:
+        config, plan = self.config, self.plan
+        self.bar = tqdm(
+            total=plan.total_steps, initial=self.state.step, desc="train", disable=not self.context.is_main
+        )
+        try:
+            while self.state.step < plan.total_steps:
+                started = time.perf_counter()
+                stats = self.train_step(self.micro_batches(self.state.step))
+                elapsed = time.perf_counter() - started
+                self.state.step += 1
+                self.state.trained_tokens += stats["tokens"]
+                self.state.train_time_s += elapsed
+                self._log_step(stats, elapsed)
+                if (
+                    config.eval_steps
+                    and self.state.step % config.eval_steps == 0
+                    and self.state.step < plan.total_steps
+                ):
+                    self.log_eval()
+                if config.save_steps and self.state.step % config.save_steps == 0:
+                    self.save()
+        finally:
+            self.bar.close()
+            self.bar = None
+
+    def _log_step(self, stats: dict[str, float], elapsed: float) -> None:
+        tokens_per_s = stats["tokens"] / max(elapsed, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}"
+        )
+        if self.state.step % self.config.logging_steps == 0 or self.state.step == self.plan.total_steps:
+            epoch = self.state.step / self.plan.steps_per_epoch
+            record = {
+                **stats,
+                "step": self.state.step,
+                "epoch": round(epoch, 4),
+                "tokens_per_s": tokens_per_s,
+            }
+            self.metrics.write({**record, "elapsed_s": self.state.train_time_s})
+
+    # ------------------------------------------------------------------------------------------ finish
+    def finish(self) -> TrainResult:
+        self.state.eval_loss_end = self.log_eval()
+        if self.config.save_steps == 0 or self.state.step % self.config.save_steps != 0:
+            self.save()
+        adapter_dir = self.output_dir / "adapter"
+        result = TrainResult(self.output_dir, adapter_dir)
+        if self.context.is_main:
+            self._write_adapter(adapter_dir)
+            result.summary = self._summary()
+            plot_loss_curves(read_metrics(self.metrics.path), self.output_dir / "loss.png")
+            ckpt.write_json(self.output_dir / "summary.json", result.summary)
+            self.say("\n" + format_summary(result.summary))
+            result.samples = self._samples()
+            self.say(
+                f"\nadapter: {adapter_dir}  metrics: {self.metrics.path}  plot: {self.output_dir / 'loss.png'}"
+            )
+        barrier(self.context)
+        return result
+
+    def _write_adapter(self, adapter_dir: Path) -> None:
+        temp = adapter_dir.with_name(".tmp-adapter")
+        shutil.rmtree(temp, ignore_errors=True)
+        self.model.save_pretrained(str(temp))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        temp.rename(adapter_dir)
+
+    def _summary(self) -> dict[str, Any]:
+        return {
+            "trainable_params": self.param_counts[0],
+            "total_params": self.param_counts[1],
+            "steps": self.state.step,
+            "trained_tokens": self.state.trained_tokens,
+            "train_time_s": self.state.train_time_s,
+            "peak_memory_bytes": peak_memory_bytes(self.context.device),
+            "eval_loss_start": self.state.eval_loss_start,
+            "eval_loss_end": self.state.eval_loss_end,
+            "world_size": self.context.world_size,
+        }
+
+    def _samples(self) -> list[dict[str, str]]:
+        prompts = self.config.sample_prompts or [record_prompt(r) for r in self.data.eval_records[:3]]
+        if not prompts or self.config.sample_max_new_tokens <= 0:
+            return []
+        results = before_after(self.model, self.tokenizer, prompts, self.config.sample_max_new_tokens)
+        print_before_after(results, self.say)
+        ckpt.write_json(self.output_dir / "samples.json", {"samples": results})
+        return results

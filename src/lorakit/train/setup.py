@@ -1,0 +1,100 @@
+"""Everything a run needs before its first step: seeds, model, tokenizer, adapter, optimizer, plan."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.models import load_model, load_tokenizer
+from lorakit.optim import create_adamw, create_loraplus_optimizer
+from lorakit.train.batching import steps_per_epoch
+from lorakit.train.config import TrainConfig
+from lorakit.train.schedule import resolve_warmup
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many optimizer steps the run makes and how many examples each consumes."""
+
+    num_examples: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def make_plan(config: TrainConfig, num_examples: int, world_size: int) -> Plan:
+    global_batch = config.micro_batch_size * config.gradient_accumulation_steps * world_size
+    per_epoch = steps_per_epoch(num_examples, global_batch)
+    total = config.max_steps or max(1, math.ceil(config.num_epochs * per_epoch))
+    return Plan(
+        num_examples,
+        global_batch,
+        per_epoch,
+        total,
+        resolve_warmup(total, config.warmup_steps, config.warmup_ratio),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global generator; on CPU, also ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def load_base(config: TrainConfig, device: torch.device) -> tuple[nn.Module, object]:
+    """The base model (fp32 weights, or 4-bit Linear layers for QLoRA) and its tokenizer."""
+    tokenizer = load_tokenizer(config.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(
+        config.model,
+        dtype=torch.float32,
+        load_in_4bit=config.load_in_4bit,
+        compute_dtype=DTYPES[config.compute_dtype],
+        device=device,
+    )
+    model.to(device)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, list[float]]:
+    """AdamW (LoRA+ groups when ``loraplus_lr_ratio`` is set); returns it with each group's peak lr."""
+    adam = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, foreach=False)
+    if config.loraplus_lr_ratio:
+        optimizer = create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=config.learning_rate,
+            loraplus_lr_ratio=config.loraplus_lr_ratio,
+            loraplus_lr_embedding=config.loraplus_lr_embedding,
+            weight_decay=config.weight_decay,
+            **adam,
+        )
+    else:
+        optimizer = create_adamw(model, lr=config.learning_rate, weight_decay=config.weight_decay, **adam)
+    return optimizer, [group["lr"] for group in optimizer.param_groups]
+
+
+def autocast_context(precision: str, device: torch.device) -> torch.autocast:
+    """Mixed precision for bf16/fp16 (weights stay fp32); a disabled context for fp32."""
+    dtype = DTYPES[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "fp32")
