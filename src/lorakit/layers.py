@@ -31,7 +31,11 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but the 
     Conv1D = None
 
 # Names of the sub-modules that hold adapter weights; everything else in a LoraLayer is the frozen base.
-ADAPTER_ATTRIBUTES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+ADAPTER_ATTRIBUTES = (
+    "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+    "lora_E",  # AdaLoRA singular values (lorakit.adalora)
+    "adapter_down", "adapter_up",  # bottleneck Adapter projections (lorakit.adapter)
+)
 
 
 class DoraMagnitude(nn.Module):

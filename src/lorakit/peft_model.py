@@ -151,7 +151,11 @@ class PeftModel(nn.Module):
         for name in names:
             config = self.peft_config[name]
             directory = root if name == "default" else root / name
-            save_adapter_weights(adapter_state_dict(self, name, config.bias), directory)
+            tensors = adapter_state_dict(self, name, config.bias)
+            finalize = getattr(self.base_model, "adapter_tensors_for_saving", None)  # AdaLoRA: drop pruned ranks
+            if finalize is not None:
+                tensors = finalize(tensors, name)
+            save_adapter_weights(tensors, directory)
             saved_mode, config.inference_mode = config.inference_mode, True
             try:
                 config.save_pretrained(directory)
