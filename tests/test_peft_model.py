@@ -192,3 +192,19 @@ def test_bias_options_decide_which_biases_train(bias):
         assert trainable_biases and all("c_attn.base_layer.bias" in n for n in trainable_biases)
     else:
         assert any("c_fc" in n for n in trainable_biases) and any("c_attn" in n for n in trainable_biases)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(input_ids):
+    def lora_grads(checkpointing):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model = get_peft_model(model, LoraConfig(target_modules=LLAMA_PROJECTIONS, init_lora_weights=False))
+        peft_model.train()
+        peft_model(input_ids=input_ids, labels=input_ids).loss.backward()
+        return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = lora_grads(False), lora_grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -4,9 +4,10 @@
 update of Hu et al. 2021, eq. 3) computed in place into ``base_out``. Compared with composing
 ``nn.Dropout -> nn.Linear -> nn.Linear`` it saves memory and time in training:
 
-* the dropped input is never stored: the dropout mask is re-drawn in backward from a saved generator seed, so the
-  function keeps only ``x`` (which q/k/v, or gate/up, share: one stored copy for all of them instead of one dropped
-  copy per adapter) and the small ``h = drop(x) A^T`` (tokens x r);
+* the dropped input is never stored: the function keeps ``x`` (which q/k/v, or gate/up, share: one stored copy
+  for all of them instead of one dropped copy per adapter), a one-byte keep-mask (also shared by adapters fed the
+  same tensor inside :func:`shared_dropout_scope`, so one random draw serves q, k and v) and the small
+  ``h = drop(x) A^T`` (tokens x r);
 * ``B`` and the scaling are applied with one ``addmm_`` into the base output, with no extra output-size tensor.
 
 Gradients, with ``g`` the output gradient, ``D`` the dropout mask divided by ``1 - p``, ``xd = D * x``:
@@ -15,36 +16,64 @@ Gradients, with ``g`` the output gradient, ``D`` the dropout mask divided by ``1
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
+
 import torch
 
+_shared_masks: dict[int, tuple[weakref.ref, int, float, torch.Tensor]] | None = None
 
-def _dropout_scale(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Bernoulli(1-p) mask divided by 1-p, reproducible from ``seed``."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p, generator=generator)
-    return mask.div_(1 - p)
+
+@contextlib.contextmanager
+def shared_dropout_scope() -> Iterator[None]:
+    """Inside the block, adapters fed the very same input tensor (q/k/v, gate/up) share one dropout mask.
+
+    LoraModel opens it around each forward (not under gradient checkpointing, whose recomputation runs
+    outside the block and must draw the same masks as the first pass).
+    """
+    global _shared_masks
+    outer, _shared_masks = _shared_masks, {}
+    try:
+        yield
+    finally:
+        _shared_masks = outer
+
+
+def _dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep-mask, Bernoulli(1 - p), one byte per input element; shared within a scope."""
+    if _shared_masks is not None:
+        cached = _shared_masks.get(id(x))
+        if cached is not None and cached[0]() is x and cached[1] == x._version and cached[2] == p:
+            return cached[3]
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    if _shared_masks is not None:
+        _shared_masks[id(x)] = (weakref.ref(x), x._version, p, mask)
+    return mask
+
+
+def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    return x2 if mask is None else x2 * mask.reshape(x2.shape) / (1 - p)
 
 
 class _LoraUpdate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, base_out, x, weight_A, weight_B, scaling, p, seed):
+    def forward(ctx, base_out, x, weight_A, weight_B, scaling, p, mask):
         x2 = x.reshape(-1, x.shape[-1]).to(weight_A.dtype)
-        xd = x2 * _dropout_scale(x2.shape, p, seed, x2.device, x2.dtype) if p > 0 else x2
-        h = xd @ weight_A.T  # (tokens, r)
+        h = _dropped(x2, mask, p) @ weight_A.T  # (tokens, r)
         out2 = base_out.view(-1, base_out.shape[-1])
         if out2.dtype == weight_B.dtype:
             out2.addmm_(h, weight_B.T, alpha=scaling)
         else:
             out2.add_((h @ weight_B.T).mul_(scaling).to(out2.dtype))
         ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x, weight_A, weight_B, h)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.save_for_backward(x, weight_A, weight_B, h, mask)
+        ctx.scaling, ctx.p = scaling, p
         return base_out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight_A, weight_B, h = ctx.saved_tensors
+        x, weight_A, weight_B, h, mask = ctx.saved_tensors
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_B.dtype)
         grad_x = grad_A = grad_B = None
@@ -52,15 +81,10 @@ class _LoraUpdate(torch.autograd.Function):
             grad_B = (g.T @ h).mul_(ctx.scaling)
         if need_x or need_A:
             grad_h = (g @ weight_B).mul_(ctx.scaling)
-            x2 = x.reshape(-1, x.shape[-1]).to(weight_A.dtype)
-            scale = _dropout_scale(x2.shape, ctx.p, ctx.seed, x2.device, x2.dtype) if ctx.p > 0 else None
             if need_A:
-                grad_A = grad_h.T @ (x2 * scale if scale is not None else x2)
+                grad_A = grad_h.T @ _dropped(x.reshape(-1, x.shape[-1]).to(weight_A.dtype), mask, ctx.p)
             if need_x:
-                grad_x = grad_h @ weight_A
-                if scale is not None:
-                    grad_x.mul_(scale)
-                grad_x = grad_x.view(x.shape).to(x.dtype)
+                grad_x = _dropped(grad_h @ weight_A, mask, ctx.p).view(x.shape).to(x.dtype)
         return grad_out, grad_x, grad_A, grad_B, None, None, None
 
 
@@ -72,19 +96,16 @@ def lora_update_(
     p = p if training else 0.0
     if not base_out.is_contiguous():
         base_out = base_out.contiguous()
+    mask = _dropout_keep_mask(x, p) if p > 0 else None
     if not torch.is_grad_enabled():
-        h = x.reshape(-1, x.shape[-1]).to(weight_A.dtype)
-        if p > 0:
-            h = torch.nn.functional.dropout(h, p=p, training=True)
-        h = h @ weight_A.T
+        h = _dropped(x.reshape(-1, x.shape[-1]).to(weight_A.dtype), mask, p) @ weight_A.T
         out2 = base_out.view(-1, base_out.shape[-1])
         if out2.dtype == weight_B.dtype:
             out2.addmm_(h, weight_B.T, alpha=scaling)
         else:
             out2.add_((h @ weight_B.T).mul_(scaling).to(out2.dtype))
         return base_out
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-    return _LoraUpdate.apply(base_out, x, weight_A, weight_B, scaling, p, seed)
+    return _LoraUpdate.apply(base_out, x, weight_A, weight_B, scaling, p, mask)
 
 
 def mixed_batch_update(

@@ -21,8 +21,16 @@ from lorakit.inject import (
     replace_with_base,
     save_wrappers,
 )
+from lorakit.lora_ops import shared_dropout_scope
 
 BASE_ADAPTER = "__base__"
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    for attribute in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers v5, v4
+        if hasattr(type(model), attribute):
+            return bool(getattr(model, attribute))
+    return False
 
 
 def with_task_heads(config: LoraConfig) -> LoraConfig:
@@ -48,9 +56,10 @@ class LoraModel(nn.Module):
         self.add_adapter(adapter_name, config)
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        if adapter_names is None:
-            return self.model(*args, **kwargs)
-        with self.mixed_batch(adapter_names):
+        checkpointing = _is_checkpointing(self.model)
+        scope = contextlib.nullcontext() if checkpointing else shared_dropout_scope()
+        batch = contextlib.nullcontext() if adapter_names is None else self.mixed_batch(adapter_names)
+        with scope, batch:
             return self.model(*args, **kwargs)
 
     @contextlib.contextmanager
