@@ -1,0 +1,216 @@
+"""AdaLoRA layers: an update in SVD form ``P diag(E) Q`` over a frozen base layer.
+
+AdaLoRA (Zhang et al. 2023, sec. 3.1, eq. 3) writes the update of a weight ``W0`` (out x in) as
+
+    delta = B diag(E) A * lora_alpha / ranknum,    A: r x in,  E: r x 1,  B: out x r
+
+with ``A`` the right and ``B`` the left singular vectors (kept near-orthogonal by a regularizer, eq. 4) and ``E``
+the singular values; pruning a triplet ``(A_i, E_i, B_:,i)`` is setting ``E_i = 0``. As in PEFT, ``ranknum`` is
+the rank the layer was created with (``init_r``), a frozen value that does not change when triplets are pruned,
+and the divisor is ``ranknum + 1e-5``. Initialisation (PEFT's): ``A`` and ``B`` normal with std 0.02, ``E`` zero,
+so the wrapped model starts exactly at the base model.
+
+Parameter names are PEFT's: ``lora_A.<adapter>``, ``lora_E.<adapter>``, ``lora_B.<adapter>`` (plain parameters, no
+``.weight``) and the frozen ``ranknum.<adapter>``, which is not saved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.layers import Conv1D, LoraLayer, is_quantized_linear
+
+RANKNUM_EPS = 1e-5
+
+
+class AdaLoraLayer(LoraLayer):
+    """Common state of an SVD-form layer: ``lora_A``, ``lora_E``, ``lora_B`` and ``ranknum`` per adapter."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.ranknum = nn.ParameterDict()
+
+    def _a_columns(self) -> int:
+        """Number of columns of ``A``: the flattened input size of one output feature."""
+        return self.in_features
+
+    def update_layer(  # type: ignore[override]
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init: bool,
+        ranknum: int | None = None,
+    ) -> None:
+        """Add adapter ``name`` with ``r`` triplets; ``ranknum`` (default ``r``) fixes the scaling divisor.
+
+        ``r == 0`` is allowed: a layer whose every triplet was pruned reloads as an empty update.
+        """
+        if r < 0:
+            raise ValueError(f"An AdaLoRA layer needs r >= 0 singular triplets, got {r}.")
+        if name in self.r:
+            raise ValueError(
+                f"Adapter {name!r} already exists on this layer; delete it first or pick a new name."
+            )
+        dtype, device = self._adapter_dtype_device()
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha if lora_alpha > 0 else float(r)
+        self.use_dora[name] = False
+        self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        factory = dict(dtype=dtype, device=device)
+        self.lora_A[name] = nn.Parameter(torch.randn(r, self._a_columns(), **factory))
+        self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **factory))
+        self.lora_B[name] = nn.Parameter(torch.randn(self.out_features, r, **factory))
+        rank_value = torch.full((1,), float(r if ranknum is None else ranknum), **factory)
+        self.ranknum[name] = nn.Parameter(rank_value, requires_grad=False)
+        if init:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_E[name])
+                nn.init.normal_(self.lora_A[name], mean=0.0, std=0.02)
+                nn.init.normal_(self.lora_B[name], mean=0.0, std=0.02)
+        if not self.active_adapters:
+            self.active_adapters = [name]
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make ``names`` active; their ``A``, ``E``, ``B`` require grad, ``ranknum`` never does."""
+        super().set_adapter(names)
+        names = [names] if isinstance(names, str) else list(names)
+        for container in (self.lora_A, self.lora_E, self.lora_B):
+            for key, param in container.items():
+                param.requires_grad_(key in names)
+        for param in self.ranknum.values():
+            param.requires_grad_(False)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for container in (self.lora_A, self.lora_E, self.lora_B, self.ranknum):
+            if name in container:
+                del container[name]
+
+    def _refuse_mixed_batch(self) -> None:
+        if getattr(self, "row_adapters", None) is not None:
+            raise ValueError(
+                "Mixed-adapter batches (adapter_names) are supported for LoRA adapters only, not for AdaLoRA."
+            )
+
+    def scaled(self, name: str, update: torch.Tensor) -> torch.Tensor:
+        """``update * lora_alpha / (ranknum + 1e-5)`` (in PEFT's order of operations)."""
+        return update * self.scaling[name] / (self.ranknum[name] + RANKNUM_EPS)
+
+    def svd_product(self, name: str) -> torch.Tensor:
+        """``B diag(E) A * lora_alpha / ranknum`` as an (out x r_columns) matrix."""
+        return self.scaled(name, self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]))
+
+    def keep_triplets(self, name: str, keep: torch.Tensor) -> None:
+        """Shrink adapter ``name`` to the triplets where ``keep`` (bool, length r) is True; ``ranknum`` stays."""
+        keep = keep.to(device=self.lora_A[name].device, dtype=torch.bool)
+        if keep.numel() != self.r[name]:
+            raise ValueError(
+                f"A keep-mask of {keep.numel()} entries does not fit a layer of rank {self.r[name]}."
+            )
+        with torch.no_grad():
+            for container, dim in ((self.lora_A, 0), (self.lora_E, 0), (self.lora_B, 1)):
+                kept = container[name].index_select(dim, keep.nonzero().view(-1)).clone()
+                container[name] = nn.Parameter(kept, requires_grad=container[name].requires_grad)
+        self.r[name] = int(keep.sum())
+
+
+class SVDLinear(AdaLoraLayer):
+    """AdaLoRA over ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``) or a 4-bit Linear."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        if Conv1D is not None and isinstance(base_layer, Conv1D):
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self.svd_product(name)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _to_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        self._refuse_mixed_batch()
+        for name in self._adapters_to_run():
+            lora_A, lora_E, lora_B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+            x_adapter = self.lora_dropout[name](x.to(lora_A.dtype))
+            update = self.scaled(name, x_adapter @ (lora_A * lora_E).T @ lora_B.T)
+            result = result + update.to(result.dtype)
+        return result
+
+
+class SVDConv2d(AdaLoraLayer):
+    """AdaLoRA over ``nn.Conv2d``: ``A`` is (r x in*kh*kw) and the update is reshaped to the kernel's shape."""
+
+    def __init__(self, base_layer: nn.Conv2d):
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"AdaLoRA supports Conv2d with groups=1 only; this layer has groups={base_layer.groups}."
+            )
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+
+    def _a_columns(self) -> int:
+        kernel_h, kernel_w = self.base_layer.kernel_size
+        return self.in_features * kernel_h * kernel_w
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return self.svd_product(name).reshape(self.base_layer.weight.shape)
+
+    def _to_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def _from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(like.shape)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        self._refuse_mixed_batch()
+        base = self.base_layer
+        for name in self._adapters_to_run():
+            x_adapter = self.lora_dropout[name](x.to(self.lora_A[name].dtype))
+            kernel = self.delta_weight(name)
+            update = F.conv2d(
+                x_adapter, kernel, stride=base.stride, padding=base.padding, dilation=base.dilation
+            )
+            result = result + update.to(result.dtype)
+        return result
+
+
+def make_svd_layer(module: nn.Module, module_name: str) -> AdaLoraLayer:
+    """The AdaLoRA wrapper for ``module``'s type; a clear error for types AdaLoRA cannot wrap."""
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return SVDLinear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Linear) or is_quantized_linear(module):
+        return SVDLinear(module, fan_in_fan_out=False)
+    if isinstance(module, nn.Conv2d):
+        return SVDConv2d(module)
+    raise TypeError(
+        f"AdaLoRA cannot adapt {module_name!r}, a {type(module).__name__}: it supports nn.Linear, transformers "
+        f"Conv1D, nn.Conv2d and lorakit's 4-bit Linear (not embeddings, unlike LoRA). Remove it from "
+        f"target_modules, or use a LoraConfig for it."
+    )
