@@ -92,3 +92,22 @@ def test_adapter_saved_from_qlora_loads_onto_a_fresh_4bit_base(tmp_path):
     loaded = PeftModel.from_pretrained(fresh, str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=TOKENS).logits, expected, rtol=0, atol=0)
+
+
+def test_activation_checkpointing_gives_the_same_adapter_gradients():
+    """Checkpointing re-runs the 4-bit forward inside backward; the custom autograd function must allow that."""
+    grads = []
+    for checkpointing in (False, True):
+        model = quantize_model(tiny_llama(), compute_dtype=torch.float32)
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        torch.manual_seed(0)
+        peft_model = get_peft_model(
+            model, _config(init_lora_weights=False)
+        )  # non-zero B: A gets gradients too
+        peft_model.train()
+        peft_model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
