@@ -72,3 +72,32 @@ def qa_records(n: int, offset: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def tiny_run_flags(inputs: dict[str, Path], output_dir: Path, **overrides: object) -> dict[str, str]:
+    """Config values (as flag strings) for a fast run on the tiny model."""
+    flags = {
+        "model": str(inputs["model"]),
+        "dataset": str(inputs["train"]),
+        "eval_dataset": str(inputs["eval"]),
+        "output_dir": str(output_dir),
+        "lora_r": "4",
+        "lora_alpha": "8",
+        "learning_rate": "1e-2",
+        "micro_batch_size": "2",
+        "gradient_accumulation_steps": "2",
+        "max_steps": "6",
+        "eval_steps": "3",
+        "save_steps": "2",
+        "max_seq_length": "64",
+        "sample_max_new_tokens": "4",
+        "device": "cpu",
+    }
+    flags.update({key: str(value) for key, value in overrides.items()})
+    return flags
+
+
+def adapter_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))

@@ -1,0 +1,51 @@
+"""Running ``lorakit train`` in child processes (plain and under torchrun) for the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env() -> dict[str, str]:
+    """The test's environment, with this process's thread count so float results match in-process runs."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH", "")])),
+    )
+    return env
+
+
+def flag_list(flags: dict[str, str]) -> list[str]:
+    return [token for key, value in flags.items() for token in (f"--{key}", value)]
+
+
+def train_command(flags: dict[str, str], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lorakit", "train", *flag_list(flags), *extra]
+
+
+def torchrun_command(processes: int, flags: dict[str, str], *extra: str) -> list[str]:
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+    ]
+    return [*launcher, "-m", "lorakit", "train", *flag_list(flags), *extra]
+
+
+def run_checked(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"{' '.join(command)}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-3000:]}"
+    )
+    return result

@@ -1,0 +1,121 @@
+"""The training loop end to end on a tiny random Llama (in-process, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
+from lorakit.train.config import load_config
+from lorakit.train.loop import TrainingDiverged, train
+from lorakit.train.metrics import read_metrics
+
+from .helpers import adapter_tensors, tiny_run_flags
+
+
+def _train(inputs, output_dir, **overrides):
+    return train(load_config(None, tiny_run_flags(inputs, output_dir, **overrides)))
+
+
+def test_accumulation_4x1_equals_batch_4_in_trainer(tiny_run_inputs, tmp_path) -> None:
+    """Same global batch of sequences with different lengths: adapters equal within 1e-6.
+
+    Adam moves every element by about lr per step whatever the gradient's size, so float32 rounding in
+    near-zero gradient components shows up in proportion to lr; lr = 1e-3 keeps it below 1e-6 while
+    weighting micro-batches wrongly (the old accumulation bug) would differ by about lr.
+    """
+    kwargs = dict(max_steps=4, learning_rate=1e-3)
+    big = _train(
+        tiny_run_inputs, tmp_path / "big", micro_batch_size=4, gradient_accumulation_steps=1, **kwargs
+    )
+    small = _train(
+        tiny_run_inputs, tmp_path / "small", micro_batch_size=1, gradient_accumulation_steps=4, **kwargs
+    )
+    a, b = adapter_tensors(big.adapter_dir), adapter_tensors(small.adapter_dir)
+    assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_run_writes_metrics_plot_summary_and_learns(tiny_run_inputs, tmp_path) -> None:
+    result = _train(
+        tiny_run_inputs, tmp_path / "run", max_steps=12, eval_steps=4, save_steps=5, learning_rate=2e-2
+    )
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train_lines = [r for r in records if "loss" in r]
+    eval_lines = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_lines] == list(range(1, 13))
+    assert [r["step"] for r in eval_lines] == [0, 4, 8, 12]
+    assert all(math.isclose(r["eval_ppl"], math.exp(r["eval_loss"])) for r in eval_lines)
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train_lines)
+    assert eval_lines[-1]["eval_loss"] < eval_lines[0]["eval_loss"] - 0.1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["eval_loss_end"] == eval_lines[-1]["eval_loss"]
+    assert summary["trainable_params"] == sum(t.numel() for t in adapter_tensors(result.adapter_dir).values())
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(result.samples) == 3 and {"prompt", "before", "after"} <= set(result.samples[0])
+    # Checkpoints at 5 and 10, plus the final one at 12; the newest two are kept.
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000012"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-00000010",
+        "step-00000012",
+    ]
+
+
+def test_two_identical_runs_are_bit_identical(tiny_run_inputs, tmp_path) -> None:
+    first = _train(tiny_run_inputs, tmp_path / "a", lora_dropout=0.1, max_steps=3)
+    second = _train(tiny_run_inputs, tmp_path / "b", lora_dropout=0.1, max_steps=3)
+    a, b = adapter_tensors(first.adapter_dir), adapter_tensors(second.adapter_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run_inputs, tmp_path) -> None:
+    with pytest.raises(
+        TrainingDiverged, match=r"became (nan|inf) at step \d+\. Last good checkpoint: .*step-0000000"
+    ):
+        _train(
+            tiny_run_inputs,
+            tmp_path / "nan",
+            learning_rate=1e25,
+            save_steps=1,
+            warmup_steps=0,
+            max_grad_norm=0,
+        )
+    good = latest_checkpoint(tmp_path / "nan" / "checkpoints")
+    assert good is not None
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(good / "adapter").values())
+    assert not (tmp_path / "nan" / "adapter").exists()
+
+
+def test_fresh_run_does_not_overwrite_checkpoints(tiny_run_inputs, tmp_path) -> None:
+    _train(tiny_run_inputs, tmp_path / "run", max_steps=2)
+    with pytest.raises(CheckpointError, match="--resume to continue"):
+        _train(tiny_run_inputs, tmp_path / "run", max_steps=2)
+    with pytest.raises(CheckpointError, match="Resume with the same data, batch sizes"):
+        _train(tiny_run_inputs, tmp_path / "run", max_steps=3, resume=True)
+    _train(tiny_run_inputs, tmp_path / "run", max_steps=3, overwrite_output_dir=True)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000003"
+
+
+def test_adapter_loads_in_hugging_face_peft(tiny_run_inputs, tmp_path) -> None:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import PeftModel
+
+    result = _train(tiny_run_inputs, tmp_path / "run", max_steps=3, use_rslora=True)
+    ids = torch.tensor([[5, 17, 30, 42, 8, 9]])
+    theirs = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_run_inputs["model"]), result.adapter_dir
+    )
+    ours = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_run_inputs["model"]), result.adapter_dir
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_run_inputs["model"])
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        torch.testing.assert_close(theirs.eval()(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+        assert (expected - base(input_ids=ids).logits).abs().max() > 1e-3  # the adapter does something
