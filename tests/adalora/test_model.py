@@ -98,6 +98,14 @@ def test_saving_again_after_reload_keeps_the_pruned_adapter(tmp_path, input_ids)
     reloaded.save_pretrained(tmp_path / "second")
     again = lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "second")
     torch.testing.assert_close(logits(again, input_ids), logits(model, input_ids), atol=1e-5, rtol=0)
+    # training on at the pruned size: the allocation stays as saved, and the result saves and reloads
+    pattern = reloaded.peft_config["default"].rank_pattern
+    losses, _ = train(reloaded, input_ids, 3)
+    assert reloaded.peft_config["default"].rank_pattern == pattern
+    reloaded.save_pretrained(tmp_path / "third")
+    third = lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "third")
+    torch.testing.assert_close(logits(third, input_ids), logits(reloaded, input_ids), atol=1e-5, rtol=0)
+    assert (logits(third, input_ids) - logits(again, input_ids)).abs().max() > 1e-4  # it did train
 
 
 def test_disable_adapter_gives_the_base_model(input_ids):
@@ -179,3 +187,17 @@ def test_trainer_method_builds_adalora():
     assert (config.total_step, config.target_r, config.init_r) == (50, 4, 6)
     model = attach_adapter(tiny_llama(), train_config, total_steps=50)
     assert isinstance(model.base_model, AdaLoraModel)
+
+
+def test_works_over_a_4bit_base_and_merges_dequantized(input_ids):
+    from lorakit.quant import quantize_model
+
+    base = quantize_model(tiny_llama(), compute_dtype=torch.float32)
+    config = AdaLoraConfig(**(LLAMA_KWARGS | dict(init_lora_weights=False)))
+    model = lorakit.get_peft_model(base, config)
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    expected = logits(model, input_ids)
+    merged = model.merge_and_unload()
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, nn.Linear)
+    torch.testing.assert_close(logits(merged, input_ids), expected, atol=1e-5, rtol=0)

@@ -192,3 +192,14 @@ def test_trainer_method_builds_an_adapter():
     model = attach_adapter(tiny_llama(), train_config, total_steps=10)
     assert isinstance(model.base_model, AdapterModel)
     assert len(list(model.base_model.adapter_layers())) == 4
+
+
+def test_follows_a_4bit_layer(input_ids):
+    from lorakit.quant import quantize_model
+
+    model = lorakit.get_peft_model(
+        quantize_model(tiny_llama(), compute_dtype=torch.float32), AdapterConfig(bottleneck_size=4)
+    )
+    losses = _train(model, input_ids, steps=3)
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".adapter_" in n)

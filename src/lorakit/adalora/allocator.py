@@ -34,12 +34,16 @@ FACTORS = ("lora_A", "lora_E", "lora_B")
 class RankAllocator:
     """Tracks importance EMAs of one adapter's layers and masks ``E`` to follow the budget schedule."""
 
-    def __init__(self, config: AdaLoraConfig, adapter_name: str, layers: dict[str, AdaLoraLayer]):
+    def __init__(
+        self, config: AdaLoraConfig, adapter_name: str, layers: dict[str, AdaLoraLayer], fixed: bool = False
+    ):
+        """``fixed``: the layers were built at an already allocated (pruned) size; train on, allocate no more."""
         if not layers:
             raise ValueError("AdaLoRA found no layer to allocate ranks over; check target_modules.")
         self.config = config
         self.adapter_name = adapter_name
         self.layers = dict(layers)
+        self.fixed = fixed
         self.init_budget = sum(layer.r[adapter_name] for layer in self.layers.values())
         self.target_budget = config.target_r * len(self.layers)
         self.reset_importance()
@@ -137,6 +141,8 @@ class RankAllocator:
 
     def update_and_allocate(self, step: int) -> dict[str, list[bool]] | None:
         """One call per optimizer step: update importances, re-allocate when due; returns a new rank pattern."""
+        if self.fixed:
+            return None
         final_step = self.config.total_step - self.config.tfinal
         if step < final_step:
             self.update_importance()

@@ -56,7 +56,8 @@ class AdaLoraModel(LoraModel):
         self._refresh_trainable()
         if not config.inference_mode:
             self.trainable_adapter_name = adapter_name
-            self.rank_allocator = RankAllocator(config, adapter_name, layers)
+            fixed = bool(config.rank_pattern)  # reloaded at its pruned size: train on, no re-allocation
+            self.rank_allocator = RankAllocator(config, adapter_name, layers, fixed=fixed)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
