@@ -55,6 +55,9 @@ def test_orthogonal_regularizer_is_added_to_the_loss(input_ids):
             penalties.append(torch.linalg.norm(B.T @ B - torch.eye(6)))
     assert len(penalties) == 12
     torch.testing.assert_close(loss - base_loss, 0.3 * sum(penalties) / 12, atol=1e-5, rtol=1e-5)
+    # the same term for training loops that compute their own loss from the logits
+    with torch.no_grad():
+        torch.testing.assert_close(model.regularization_loss(), loss - base_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_update_and_allocate_is_reachable_from_both_levels(input_ids):

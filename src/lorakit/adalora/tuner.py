@@ -81,9 +81,19 @@ class AdaLoraModel(LoraModel):
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         if isinstance(loss, torch.Tensor) and self.trainable_adapter_name is not None:
-            weight = self.peft_config[self.trainable_adapter_name].orth_reg_weight
-            outputs.loss = loss + weight * self.orthogonal_regularization()
+            outputs.loss = loss + self.regularization_loss()
         return outputs
+
+    def regularization_loss(self) -> torch.Tensor:
+        """``orth_reg_weight * R(A, B)`` of the trainable adapter (zero without one).
+
+        ``forward`` adds it to ``outputs.loss`` when the model computes a loss (``labels`` given); a training loop
+        that computes its own loss from the logits adds this once per optimizer step instead.
+        """
+        if self.trainable_adapter_name is None:
+            return torch.zeros(())
+        weight = self.peft_config[self.trainable_adapter_name].orth_reg_weight
+        return weight * self.orthogonal_regularization()
 
     def orthogonal_regularization(self) -> torch.Tensor:
         """``R = mean over the A and B matrices of ||A A^T - I||_F and ||B^T B - I||_F`` (paper eq. 4)."""
