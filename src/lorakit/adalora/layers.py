@@ -108,19 +108,6 @@ class AdaLoraLayer(LoraLayer):
         """``B diag(E) A * lora_alpha / ranknum`` as an (out x r_columns) matrix."""
         return self.scaled(name, self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]))
 
-    def keep_triplets(self, name: str, keep: torch.Tensor) -> None:
-        """Shrink adapter ``name`` to the triplets where ``keep`` (bool, length r) is True; ``ranknum`` stays."""
-        keep = keep.to(device=self.lora_A[name].device, dtype=torch.bool)
-        if keep.numel() != self.r[name]:
-            raise ValueError(
-                f"A keep-mask of {keep.numel()} entries does not fit a layer of rank {self.r[name]}."
-            )
-        with torch.no_grad():
-            for container, dim in ((self.lora_A, 0), (self.lora_E, 0), (self.lora_B, 1)):
-                kept = container[name].index_select(dim, keep.nonzero().view(-1)).clone()
-                container[name] = nn.Parameter(kept, requires_grad=container[name].requires_grad)
-        self.r[name] = int(keep.sum())
-
 
 class SVDLinear(AdaLoraLayer):
     """AdaLoRA over ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``) or a 4-bit Linear."""
@@ -201,16 +188,26 @@ class SVDConv2d(AdaLoraLayer):
         return result
 
 
+def check_svd_supported(module: nn.Module, module_name: str) -> None:
+    """Raise a clear ``TypeError`` if AdaLoRA cannot wrap ``module``."""
+    supported = (
+        isinstance(module, (nn.Linear, nn.Conv2d))
+        or (Conv1D is not None and isinstance(module, Conv1D))
+        or is_quantized_linear(module)
+    )
+    if not supported:
+        raise TypeError(
+            f"AdaLoRA cannot adapt {module_name!r}, a {type(module).__name__}: it supports nn.Linear, transformers "
+            f"Conv1D, nn.Conv2d and lorakit's 4-bit Linear (not embeddings, unlike LoRA). Remove it from "
+            f"target_modules, or use a LoraConfig for it."
+        )
+
+
 def make_svd_layer(module: nn.Module, module_name: str) -> AdaLoraLayer:
     """The AdaLoRA wrapper for ``module``'s type; a clear error for types AdaLoRA cannot wrap."""
+    check_svd_supported(module, module_name)
     if Conv1D is not None and isinstance(module, Conv1D):
         return SVDLinear(module, fan_in_fan_out=True)
-    if isinstance(module, nn.Linear) or is_quantized_linear(module):
-        return SVDLinear(module, fan_in_fan_out=False)
     if isinstance(module, nn.Conv2d):
         return SVDConv2d(module)
-    raise TypeError(
-        f"AdaLoRA cannot adapt {module_name!r}, a {type(module).__name__}: it supports nn.Linear, transformers "
-        f"Conv1D, nn.Conv2d and lorakit's 4-bit Linear (not embeddings, unlike LoRA). Remove it from "
-        f"target_modules, or use a LoraConfig for it."
-    )
+    return SVDLinear(module, fan_in_fan_out=False)

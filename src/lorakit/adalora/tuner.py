@@ -14,7 +14,7 @@ from torch import nn
 
 from lorakit.adalora.allocator import RankAllocator
 from lorakit.adalora.config import AdaLoraConfig
-from lorakit.adalora.layers import AdaLoraLayer, make_svd_layer
+from lorakit.adalora.layers import AdaLoraLayer, check_svd_supported, make_svd_layer
 from lorakit.inject import (
     ModulesToSaveWrapper,
     find_targets,
@@ -192,7 +192,7 @@ def _check_target_types(model: nn.Module, config: AdaLoraConfig) -> None:
             continue
         if is_target(name, config, set()):
             base = module.base_layer if isinstance(module, AdaLoraLayer) else module
-            make_svd_layer(base, name)  # raises TypeError for unsupported types; the result is discarded
+            check_svd_supported(base, name)
 
 
 def inject_svd_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> dict[str, AdaLoraLayer]:
