@@ -249,14 +249,14 @@ def _table(results: list[dict]) -> str:
         ("quantization time (s)", "quantize_seconds", "{:.2f}"),
         ("loss first -> last", None, None),
     ]
-    lines = [f"{'':34}" + "".join(f"{r['mode']:>16}" for r in results) + f"{'ratio':>10}"]
+    lines = [f"{'':34}" + "".join(f"{r['mode']:>16}" for r in results) + f"{'first/second':>14}"]
     for label, key, fmt in rows:
         if key is None:
             cells = [f"{r['loss_first']:.3f}->{r['loss_last']:.3f}" for r in results]
             lines.append(f"{label:34}" + "".join(f"{c:>16}" for c in cells))
             continue
         values = [r[key] for r in results]
-        ratio = f"{values[0] / values[1]:>9.2f}x" if len(values) == 2 and values[1] else ""
+        ratio = f"{values[0] / values[1]:>13.2f}x" if len(values) == 2 and values[0] and values[1] else ""
         lines.append(f"{label:34}" + "".join(f"{fmt.format(v):>16}" for v in values) + ratio)
     return "\n".join(lines)
 
