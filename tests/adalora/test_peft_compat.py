@@ -163,3 +163,17 @@ def test_parameter_counts_and_names_match_peft():
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         n for n, p in theirs.named_parameters() if p.requires_grad
     }
+
+
+def test_importance_scores_match_peft_mid_budgeting(input_ids):
+    ours, theirs = twins()
+    train(ours, input_ids, 6)
+    train(theirs, input_ids, 6)
+    allocator, reference = ours.base_model.rank_allocator, theirs.base_model.rankallocator
+    assert len(allocator.sensitivity) == len(reference.exp_avg_ipt) == 18  # 6 layers x (A, E, B)
+    for key, value in allocator.sensitivity.items():
+        torch.testing.assert_close(value, reference.exp_avg_ipt[f"{key}.default"], atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(
+            allocator.uncertainty[key], reference.exp_avg_unc[f"{key}.default"], atol=1e-7, rtol=1e-4
+        )
+    assert (allocator.uncertainty["model.layers.0.self_attn.q_proj.lora_E"] > 0).all()
