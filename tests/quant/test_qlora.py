@@ -35,7 +35,7 @@ def test_qlora_lowers_the_loss_like_lora():
     """Same model, data, seed and optimizer; only the base weights differ (fp32 vs NF4 with fp32 compute).
 
     Stated tolerance: start within 1%, the loss drop within 15% of LoRA's, the final loss within 0.05 nats.
-    (Measured: drops 0.58 vs 0.57 nats over 25 steps.)
+    (Measured: QLoRA 4.862 -> 4.336, LoRA 4.863 -> 4.336 over 25 steps.)
     """
     _, lora = _train(tiny_llama(), steps=25)
     _, qlora = _train(quantize_model(tiny_llama(), compute_dtype=torch.float32), steps=25)
