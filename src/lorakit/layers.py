@@ -100,7 +100,10 @@ class LoraLayer(nn.Module):
         return base.weight
 
     def _adapter_dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        weight = self.base_weight()
+        # A 4-bit layer's ``weight`` is a descriptor with dtype and device: no need to dequantize here.
+        weight = getattr(self.base_layer, "weight", None)
+        if weight is None:
+            weight = self.base_weight()
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         return dtype, weight.device
 

@@ -15,9 +15,10 @@ from lorakit.peft_model import register_tuner
 
 register_config_class(AdaLoraConfig)
 register_tuner(PeftType.ADALORA, AdaLoraModel)
-register_with_trainer()
+# The trainer registers ``method: ...`` itself (lorakit.train.adapters imports this package).
 
 __all__ = [
+    "register_with_trainer",
     "build_adalora_config",
     "AdaLoraConfig",
     "AdaLoraLayer",

@@ -14,9 +14,10 @@ from lorakit.peft_model import register_tuner
 
 register_config_class(AdapterConfig)
 register_tuner(PeftType.ADAPTER, AdapterModel)
-register_with_trainer()
+# The trainer registers ``method: ...`` itself (lorakit.train.adapters imports this package).
 
 __all__ = [
+    "register_with_trainer",
     "build_adapter_config",
     "HOULSBY_TARGETS",
     "AdapterConfig",
