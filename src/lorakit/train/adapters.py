@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from lorakit import LoraConfig, TaskType, get_peft_model
@@ -43,15 +44,19 @@ register_method("dora", _lora_config)
 
 
 def _import_plugins() -> None:
-    """Let optional method modules register themselves (they may not exist in this version)."""
+    """Let optional method packages register their builders (they may not exist in this build)."""
     import importlib
 
-    for module in ("lorakit.adalora", "lorakit.adapter"):
+    for name in ("lorakit.adalora", "lorakit.adapter"):
         try:
-            importlib.import_module(module)
+            module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            if error.name != module:
+            if error.name != name:
                 raise
+            continue
+        register = getattr(module, "register_with_trainer", None)
+        if register is not None:
+            register()
 
 
 def build_adapter_config(config: TrainConfig, total_steps: int) -> Any:
@@ -78,3 +83,39 @@ def attach_adapter(model: nn.Module, config: TrainConfig, total_steps: int) -> n
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(f"Could not add the adapter: {error}") from None
+
+
+# ------------------------------------------------------------------------------------- per-method hooks
+# Methods whose tuner exposes these (AdaLoRA) get them called by the loop; for LoRA they do nothing.
+
+
+def _tuner(model: nn.Module) -> Any:
+    return getattr(model, "base_model", None)
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's ``orth_reg_weight * R(P, Q)`` (Zhang et al. 2023, eq. 4); None for other methods."""
+    tuner = _tuner(model)
+    if not hasattr(tuner, "orthogonal_regularization"):
+        return None
+    weight = tuner.peft_config[tuner.trainable_adapter_name].orth_reg_weight
+    return weight * tuner.orthogonal_regularization() if weight > 0 else None
+
+
+def after_optimizer_step(model: nn.Module, step: int) -> None:
+    """AdaLoRA's importance update and rank allocation (needs the gradients: call before zero_grad)."""
+    tuner = _tuner(model)
+    if hasattr(tuner, "update_and_allocate"):
+        tuner.update_and_allocate(step)
+
+
+def method_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Extra training state of the method (AdaLoRA: importance EMAs and rank pattern) as tensors."""
+    tuner = _tuner(model)
+    return tuner.allocator_state_dict() if hasattr(tuner, "allocator_state_dict") else {}
+
+
+def load_method_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    tuner = _tuner(model)
+    if tensors and hasattr(tuner, "load_allocator_state_dict"):
+        tuner.load_allocator_state_dict(tensors)

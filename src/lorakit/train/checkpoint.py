@@ -8,6 +8,7 @@ A checkpoint ``<output_dir>/checkpoints/step-00000120/`` holds
 * ``optimizer.json``            the index: parameter groups (hyper-parameters, parameter names) and
                                 the non-tensor state values;
 * ``rng.safetensors``           RNG states of every rank, keyed ``rank<r>/<generator>``;
+* ``method.safetensors``        (AdaLoRA only) importance scores and rank pattern;
 * ``trainer_state.json``        step, data position, scheduler and scaler state; written last.
 
 Writing goes to ``.tmp-step-...`` and ends with one ``os.rename`` (atomic on POSIX), so a folder with
@@ -31,6 +32,7 @@ from torch import nn
 STEP_DIR = re.compile(r"^step-(\d+)$")
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors")
 STATE_FILE = "trainer_state.json"
+METHOD_FILE = "method.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -147,8 +149,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rng_states: dict[str, torch.Tensor],
     keep: int,
+    method_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically under ``root`` and keep only the newest ``keep``."""
+    """Write checkpoint ``step`` atomically under ``root`` and keep only the newest ``keep``.
+
+    ``method_state``: extra tensors of the adapter method (AdaLoRA's allocator), in ``method.safetensors``.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     temp = root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -162,7 +168,13 @@ def save_checkpoint(
     save_file(tensors, str(temp / "optimizer.safetensors"))
     write_json(temp / "optimizer.json", index)
     save_file({k: v.contiguous() for k, v in rng_states.items()}, str(temp / "rng.safetensors"))
-    write_json(temp / STATE_FILE, {**trainer_state, "step": step, "files": list(REQUIRED_FILES)})
+    files = list(REQUIRED_FILES)
+    if method_state:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in method_state.items()}, str(temp / METHOD_FILE)
+        )
+        files.append(METHOD_FILE)
+    write_json(temp / STATE_FILE, {**trainer_state, "step": step, "files": files})
     _fsync_tree(temp)
     if final.exists():  # an older run's checkpoint of the same step: replace it
         _discard(final)
@@ -228,4 +240,5 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
         "optimizer_index": json.loads((folder / "optimizer.json").read_text(encoding="utf-8")),
         "rng": load_file(str(folder / "rng.safetensors")),
         "trainer_state": json.loads((folder / STATE_FILE).read_text(encoding="utf-8")),
+        "method": load_file(str(folder / METHOD_FILE)) if (folder / METHOD_FILE).is_file() else {},
     }

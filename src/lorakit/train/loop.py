@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 
 from lorakit.data import collate
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.adapters import attach_adapter
+from lorakit.train.adapters import (
+    after_optimizer_step,
+    attach_adapter,
+    load_method_state,
+    method_state,
+    regularization_loss,
+)
 from lorakit.train.batching import count_trained_tokens, epoch_order, rank_micro_batches, token_loss_sum
 from lorakit.train.config import TrainConfig, config_to_yaml
 from lorakit.train.data_prep import PreparedData, prepare_data
@@ -160,6 +166,7 @@ class Trainer:
         loss = all_reduce_sum(self.context, loss_sum).item() / global_tokens
         if not math.isfinite(loss):
             raise TrainingDiverged(self._diverged_message("loss", loss))
+        self._add_regularizer()
         all_reduce_gradients(self.context, self.trainable)
         grad_norm = self._clip_gradients()
         lr = set_learning_rates(
@@ -175,8 +182,16 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        after_optimizer_step(self.model, self.state.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens.item())}
+
+    def _add_regularizer(self) -> None:
+        """A method's regulariser (AdaLoRA) once per step; each rank adds 1/world_size of it."""
+        penalty = regularization_loss(self.model)
+        if penalty is not None:
+            scaled = penalty / self.context.world_size
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
     def _clip_gradients(self) -> float:
         if self.scaler is not None:
@@ -246,6 +261,7 @@ class Trainer:
                 trainer_state=state,
                 rng_states=rng,
                 keep=self.config.save_total_limit,
+                method_state=method_state(self.model),
             )
             self.say(f"step {self.state.step}: checkpoint {folder}")
         self.state.last_checkpoint = str(self.checkpoint_root / f"step-{self.state.step:08d}")
@@ -265,6 +281,7 @@ class Trainer:
         ckpt.optimizer_from_safetensors(
             self.optimizer, names, saved["optimizer_tensors"], saved["optimizer_index"]
         )
+        load_method_state(self.model, saved["method"])
         if self.scaler is not None and trainer_state.get("scaler"):
             self.scaler.load_state_dict(trainer_state["scaler"])
         prefix = f"rank{self.context.rank}/"
