@@ -55,4 +55,6 @@ def test_peft_model_trains_in_transformers_trainer(tmp_path) -> None:
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
-    assert set(adapter_tensors(tmp_path / "adapter")) and all("lora_" in k for k in adapter_tensors(tmp_path / "adapter"))
+    assert set(adapter_tensors(tmp_path / "adapter")) and all(
+        "lora_" in k for k in adapter_tensors(tmp_path / "adapter")
+    )

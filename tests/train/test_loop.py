@@ -126,7 +126,9 @@ def test_other_methods_train_and_resume_exactly(method, tiny_run_inputs, tmp_pat
     """Each method trains, and resuming from a mid-run checkpoint (AdaLoRA: with its allocator) is exact."""
     import shutil
 
-    settings = dict(method=method, max_steps=8, save_steps=3, save_total_limit=3, eval_steps=0, lora_dropout=0.1)
+    settings = dict(
+        method=method, max_steps=8, save_steps=3, save_total_limit=3, eval_steps=0, lora_dropout=0.1
+    )
     full = _train(tiny_run_inputs, tmp_path / "full", **settings)
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(
