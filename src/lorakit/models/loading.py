@@ -1,0 +1,145 @@
+"""``load_model`` / ``load_tokenizer``: the embedded default, a local folder, a ``.gguf`` file or a Hub id.
+
+Every source ends as a folder that transformers' ``from_pretrained`` reads: GGUF files (the embedded
+SmolLM2-135M-Instruct included) are converted once to safetensors in lorakit's cache (``gguf_cache``).
+Weights are only ever read from safetensors (``use_safetensors=True``): a folder that only has pickle
+checkpoints (``pytorch_model.bin``) is refused, and no remote code is run.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.models.embedded import EMBEDDED_CACHE_NAME, embedded_gguf_path, is_default_model
+from lorakit.models.errors import ModelLoadError, ModelNotFoundError
+from lorakit.models.gguf_cache import cache_folder_name, cache_root, ensure_converted, gguf_fingerprint
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: kind is ``embedded``, ``gguf``, ``folder`` or ``hub``."""
+
+    kind: str
+    location: str
+    gguf_path: Path | None = None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.lower().endswith(".gguf")
+    )
+
+
+def resolve_source(name_or_path: str | None) -> ModelSource:
+    """Classify ``name_or_path`` without loading anything (raises for missing paths and invalid names)."""
+    if is_default_model(name_or_path):
+        return ModelSource("embedded", "smollm2", embedded_gguf_path())
+    assert name_or_path is not None
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf model. Pass a model folder (config.json + *.safetensors), "
+                "a .gguf file, a Hugging Face Hub id, or 'smollm2' for the embedded default."
+            )
+        return ModelSource("gguf", str(path), path.resolve())
+    if path.is_dir():
+        return _folder_source(path)
+    if _looks_like_path(name_or_path) or not _HUB_ID.match(name_or_path):
+        raise ModelNotFoundError(
+            f"Model not found: {name_or_path!r} is neither an existing folder or .gguf file nor a Hugging Face "
+            "Hub id (owner/name). Check the path, or use 'smollm2' for the embedded default model."
+        )
+    return ModelSource("hub", name_or_path)
+
+
+def _folder_source(path: Path) -> ModelSource:
+    if (path / "config.json").is_file():
+        return ModelSource("folder", str(path))
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", str(ggufs[0]), ggufs[0].resolve())
+    found = ", ".join(p.name for p in ggufs) if ggufs else "no config.json and no .gguf file"
+    raise ModelLoadError(
+        f"{path} is not a model folder ({found}). A model folder holds config.json and *.safetensors "
+        "(as written by save_pretrained); to load a GGUF, pass the path of the .gguf file itself."
+    )
+
+
+def model_folder(name_or_path: str | None = None, *, cache_dir: str | Path | None = None) -> str:
+    """The folder or Hub id that ``from_pretrained`` loads for ``name_or_path`` (converting a GGUF once)."""
+    source = resolve_source(name_or_path)
+    if source.gguf_path is None:
+        return source.location
+    root = cache_root(cache_dir) / "models"
+    if source.kind == "embedded":
+        target = root / EMBEDDED_CACHE_NAME
+    else:
+        target = root / cache_folder_name(source.gguf_path, gguf_fingerprint(source.gguf_path))
+    return str(ensure_converted(source.gguf_path, target, say=_say))
+
+
+def _pretrained_error(what: str, name: str, error: Exception) -> ModelLoadError:
+    text = str(error)
+    if "safetensors" in text.lower() or "pytorch_model.bin" in text:
+        hint = "lorakit only reads safetensors weights (never pickle files such as pytorch_model.bin)."
+    else:
+        hint = "Check the name or path; Hub ids need network access to huggingface.co or a local HF cache."
+    return ModelLoadError(f"Could not load the {what} {name!r}: {text.strip()} {hint}")
+
+
+def load_model(
+    name_or_path: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    load_in_4bit: bool = False,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
+) -> Any:
+    """A causal language model (transformers ``PreTrainedModel``) in ``dtype``, in eval mode.
+
+    ``name_or_path``: None or ``"smollm2"`` = the embedded SmolLM2-135M-Instruct; else a folder, a ``.gguf``
+    file or a Hub id. ``load_in_4bit`` replaces the Linear layers (except ``lm_head``) by NF4
+    ``lorakit.quant.Linear4bit`` layers that compute in ``compute_dtype`` (QLoRA, Dettmers et al. 2023 sec. 3).
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = model_folder(name_or_path, cache_dir=cache_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise _pretrained_error("model", name_or_path or "smollm2", error) from error
+    if device is not None:
+        model.to(device)
+    if load_in_4bit:
+        from lorakit.quant import quantize_model
+
+        model = quantize_model(model, compute_dtype=compute_dtype)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str | None = None, *, cache_dir: str | Path | None = None) -> Any:
+    """The tokenizer that belongs to :func:`load_model` ``(name_or_path)`` (same sources, same cache)."""
+    from transformers import AutoTokenizer
+
+    folder = model_folder(name_or_path, cache_dir=cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise _pretrained_error("tokenizer", name_or_path or "smollm2", error) from error
