@@ -1,0 +1,170 @@
+"""Reading dataset files into lists of records (dicts): JSON, JSONL, CSV, Parquet, or a HF ``datasets`` name.
+
+Only data formats are read: files that hold pickles (``.bin``, ``.pt``, ``.pkl``, ...) are refused, since
+unpickling an untrusted file runs arbitrary code. Every record is a :class:`~lorakit.data.errors.Record`
+that knows its line (JSONL, CSV) or row (Parquet), so later errors can point at it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from lorakit.data.errors import DatasetError, Record
+
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+JSON_SUFFIXES = {".json"}
+CSV_SUFFIXES = {".csv", ".tsv"}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib"}
+SUPPORTED = ".jsonl, .json, .csv, .tsv, .parquet"
+
+
+def load_records(source: str | Path, split: str | None = None) -> list[dict]:
+    """All records of a dataset file, or of split ``split`` (default ``train``) of a HF ``datasets`` name.
+
+    Raises :class:`DatasetError` for a malformed line (naming file and line), a row that is not an object,
+    an unsupported or pickle file, or a missing file. An empty result is returned as ``[]``; the
+    tokenizer step reports emptiness, where it knows which role (train/eval) the data has.
+    """
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise DatasetError(
+            f"{source}: refusing to read {suffix} files, which hold pickled Python objects that run code when "
+            f"loaded. Convert the data to one of {SUPPORTED}."
+        )
+    if path.is_dir():
+        raise DatasetError(f"{source} is a folder; pass a data file ({SUPPORTED}) or a datasets name.")
+    if not path.is_file():
+        if suffix in JSONL_SUFFIXES | JSON_SUFFIXES | CSV_SUFFIXES | PARQUET_SUFFIXES or str(
+            source
+        ).startswith((".", "/", "~")):
+            raise DatasetError(f"Dataset file not found: {source}")
+        return load_hub_dataset(str(source), split)
+    readers = {
+        **dict.fromkeys(JSONL_SUFFIXES, read_jsonl),
+        **dict.fromkeys(JSON_SUFFIXES, read_json),
+        **dict.fromkeys(CSV_SUFFIXES, read_csv),
+        **dict.fromkeys(PARQUET_SUFFIXES, read_parquet),
+    }
+    if suffix not in readers:
+        raise DatasetError(f"{source}: unsupported file type {suffix or '(none)'}; use one of {SUPPORTED}.")
+    return readers[suffix](path)
+
+
+def _as_record(value: Any, path: Path, where: str) -> Record:
+    if not isinstance(value, dict):
+        raise DatasetError(
+            f'{path}, {where}: expected a JSON object (e.g. {{"instruction": ..., "output": ...}}), '
+            f"got {type(value).__name__}."
+        )
+    return Record(value, where)
+
+
+def _open_text(path: Path):
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per line; blank lines are skipped; a bad line stops with its line number."""
+    records = []
+    try:
+        with _open_text(path) as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DatasetError(
+                        f"{path}, line {number}: invalid JSON ({error.msg} at column {error.colno}). "
+                        "Each line of a .jsonl file must be one complete JSON object."
+                    ) from None
+                records.append(_as_record(value, path, f"line {number}"))
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error}).") from None
+    return records
+
+
+def read_json(path: Path) -> list[dict]:
+    """A JSON array of objects, an object holding one such array (e.g. ``{"data": [...]}``), or JSON lines."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error}).") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # several top-level values: JSON lines in a .json file
+            return read_jsonl(path)
+        raise DatasetError(
+            f"{path}, line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})."
+        ) from None
+    if isinstance(value, dict):
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            return [_as_record(value, path, "record 1")]
+        value = lists[0]
+    if not isinstance(value, list):
+        raise DatasetError(f"{path}: expected a JSON array of objects, got {type(value).__name__}.")
+    return [_as_record(item, path, f"record {i + 1}") for i, item in enumerate(value)]
+
+
+def read_csv(path: Path) -> list[dict]:
+    """A header row, then one record per row (``.tsv``: tab-separated). Empty cells become ``""``."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    records = []
+    try:
+        with _open_text(path) as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            if reader.fieldnames is None:  # reads the header row; an empty file has none
+                return []
+            start = reader.line_num + 1
+            for row in reader:
+                if None in row:
+                    raise DatasetError(
+                        f"{path}, line {start}: {len(row) + len(row[None]) - 1} cells but the header has "
+                        f"{len(reader.fieldnames or [])} columns (quote cells that contain '{delimiter}')."
+                    )
+                records.append(Record({k: ("" if v is None else v) for k, v in row.items()}, f"line {start}"))
+                start = reader.line_num + 1
+    except csv.Error as error:
+        raise DatasetError(f"{path}, line {reader.line_num}: malformed CSV ({error}).") from None
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error}).") from None
+    return records
+
+
+def read_parquet(path: Path) -> list[dict]:
+    """Every row of a Parquet file, via pyarrow (nested lists/structs become Python lists/dicts)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises its own ArrowInvalid / OSError types
+        raise DatasetError(f"{path}: not a readable Parquet file ({error}).") from None
+    return [Record(row, f"row {i + 1}") for i, row in enumerate(rows)]
+
+
+def load_hub_dataset(name: str, split: str | None = None) -> list[dict]:
+    """Split ``split`` (default ``train``) of a Hugging Face ``datasets`` dataset, imported lazily."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(
+            f"{name!r} is not an existing file, so it was taken as a Hugging Face datasets name, but the "
+            "package `datasets` is not installed (pip install datasets; it also needs access to the Hub). "
+            f"For local data pass a file path ({SUPPORTED})."
+        ) from None
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as error:  # datasets raises many types (network, missing config, ...)
+        raise DatasetError(
+            f"Could not load the Hugging Face dataset {name!r} (split {split or 'train'}): {error}"
+        ) from None
+    return [Record(dict(row), f"row {i + 1}") for i, row in enumerate(dataset)]
