@@ -90,3 +90,27 @@ def test_sharding_covers_each_example_once_per_epoch() -> None:
         assert all(len(batch) <= micro for share in shares for batch in share)
         seen.extend(step_examples)
     assert sorted(seen) == list(range(n))
+
+
+def test_loss_from_trimmed_logits_equals_full_logits() -> None:
+    """Only positions that predict trained labels need logits; the sum is unchanged."""
+    from lorakit.train.batching import first_needed_position, forward_loss_sum
+
+    examples = _examples()
+    batch = _pad([e[0] for e in examples], [e[1] for e in examples])
+    assert first_needed_position(batch["labels"]) == 1  # shortest prompt: 2 tokens -> label 2 predicted at 1
+    model = tiny_llama()
+    with torch.no_grad():
+        batch["labels"][:, :4] = -100  # now every prompt is at least 4 tokens long
+        assert first_needed_position(batch["labels"]) == 3
+        full = token_loss_sum(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+        )
+        torch.testing.assert_close(forward_loss_sum(model, batch), full, rtol=1e-6, atol=1e-5)
+
+        class IgnoresHint(torch.nn.Module):  # accepts logits_to_keep but returns every position
+            def forward(self, input_ids, attention_mask, **kwargs):
+                return model(input_ids=input_ids, attention_mask=attention_mask)
+
+        torch.testing.assert_close(forward_loss_sum(IgnoresHint(), batch), full, rtol=1e-6, atol=1e-5)

@@ -147,3 +147,51 @@ def test_other_methods_train_and_resume_exactly(method, tiny_run_inputs, tmp_pat
         ]
         assert final[0].keys() == final[1].keys() and len(final[0]) > 0
         assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_run_inputs, tmp_path) -> None:
+    plain = _train(tiny_run_inputs, tmp_path / "plain", max_steps=3, learning_rate=1e-3)
+    checkpointed = _train(
+        tiny_run_inputs, tmp_path / "gc", max_steps=3, learning_rate=1e-3, gradient_checkpointing=True
+    )
+    a, b = adapter_tensors(plain.adapter_dir), adapter_tensors(checkpointed.adapter_dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_loraplus_ratio_reaches_the_optimizer(tiny_run_inputs, tmp_path) -> None:
+    _train(
+        tiny_run_inputs,
+        tmp_path / "run",
+        max_steps=2,
+        loraplus_lr_ratio=8,
+        lr_scheduler="constant",
+        warmup_steps=0,
+    )
+    index = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "optimizer.json").read_text())
+    lr_of = {name: group["lr"] for group in index["param_groups"] for name in group["params"]}
+    assert {lr for name, lr in lr_of.items() if ".lora_A." in name} == {1e-2}
+    assert {lr for name, lr in lr_of.items() if ".lora_B." in name} == {8e-2}
+
+
+def test_qlora_and_packing_runs(tiny_run_inputs, tmp_path) -> None:
+    result = _train(
+        tiny_run_inputs, tmp_path / "q", max_steps=3, load_in_4bit=True, compute_dtype="fp32", packing=True
+    )
+    assert (
+        result.summary["steps"] == 3 and result.summary["eval_loss_end"] < result.summary["eval_loss_start"]
+    )
+
+
+def test_bad_data_stops_before_training(tiny_run_inputs, tmp_path) -> None:
+    from lorakit.data import DatasetError
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    with pytest.raises(DatasetError, match=r"broken\.jsonl.*line 2|line 2.*broken\.jsonl"):
+        _train(tiny_run_inputs, tmp_path / "run", dataset=str(broken))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DatasetError):
+        _train(tiny_run_inputs, tmp_path / "run", dataset=str(empty))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -56,3 +56,28 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted_logits = logits[:, :-1, :].reshape(-1, vocab).float()
     shifted_labels = labels[:, 1:].reshape(-1).to(shifted_logits.device)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def first_needed_position(labels: torch.Tensor) -> int:
+    """The first position whose logits predict a trained label (``t`` predicts label ``t + 1``).
+
+    Logits before it only feed masked prompt tokens, so the language-model head can skip them: on
+    chat data with long system prompts that is most of the head's work.
+    """
+    trained = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    return int(trained[0]) if len(trained) else 0
+
+
+def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``sum_t CE_t`` of a batch, computing logits only from :func:`first_needed_position` on."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    length, start = batch["input_ids"].shape[1], first_needed_position(batch["labels"])
+    if start > 0:
+        try:
+            logits = model(**inputs, logits_to_keep=length - start).logits
+        except TypeError:  # a model without ``logits_to_keep``
+            logits = model(**inputs).logits
+    else:
+        logits = model(**inputs).logits
+    kept = logits.shape[1]  # the trailing positions the model returned (all of them if it ignored the hint)
+    return token_loss_sum(logits, batch["labels"][:, length - kept :])

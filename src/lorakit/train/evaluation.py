@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lorakit.data import collate
-from lorakit.train.batching import count_trained_tokens, token_loss_sum
+from lorakit.train.batching import count_trained_tokens, forward_loss_sum
 from lorakit.train.setup import autocast_context
 
 
@@ -31,8 +31,7 @@ def loss_sum_and_tokens(
             k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_token_id).items()
         }
         with autocast_context(precision, device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += token_loss_sum(logits, batch["labels"]).item()
+            loss_sum += forward_loss_sum(model, batch).item()
         tokens += count_trained_tokens(batch["labels"])
     model.train(was_training)
     return loss_sum, tokens

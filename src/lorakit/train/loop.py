@@ -13,7 +13,6 @@ interrupted run ends with exactly the adapter of an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import time
@@ -29,11 +28,9 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train.adapters import (
     after_optimizer_step,
     attach_adapter,
-    load_method_state,
-    method_state,
     regularization_loss,
 )
-from lorakit.train.batching import count_trained_tokens, epoch_order, rank_micro_batches, token_loss_sum
+from lorakit.train.batching import count_trained_tokens, epoch_order, forward_loss_sum, rank_micro_batches
 from lorakit.train.config import TrainConfig, config_to_yaml
 from lorakit.train.data_prep import PreparedData, prepare_data
 from lorakit.train.distributed import (
@@ -41,7 +38,6 @@ from lorakit.train.distributed import (
     all_reduce_gradients,
     all_reduce_sum,
     barrier,
-    gather_tensors,
     init_distributed,
     shutdown,
 )
@@ -52,10 +48,9 @@ from lorakit.train.metrics import (
     peak_memory_bytes,
     perplexity,
     read_metrics,
-    truncate_metrics,
 )
 from lorakit.train.plot import plot_loss_curves
-from lorakit.train.rng import capture_rng_state, restore_rng_state
+from lorakit.train.resume import CheckpointMixin, RunState
 from lorakit.train.samples import before_after, print_before_after, record_prompt
 from lorakit.train.schedule import set_learning_rates
 from lorakit.train.setup import Plan, autocast_context, build_optimizer, load_base, make_plan, seed_everything
@@ -63,18 +58,6 @@ from lorakit.train.setup import Plan, autocast_context, build_optimizer, load_ba
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
-
-
-@dataclass
-class RunState:
-    """What changes from step to step (and is saved in ``trainer_state.json``)."""
-
-    step: int = 0
-    trained_tokens: int = 0
-    train_time_s: float = 0.0
-    eval_loss_start: float | None = None
-    eval_loss_end: float | None = None
-    last_checkpoint: str | None = None
 
 
 @dataclass
@@ -94,7 +77,7 @@ def train(config: TrainConfig) -> TrainResult:
         shutdown(context)
 
 
-class Trainer:
+class Trainer(CheckpointMixin):
     def __init__(self, config: TrainConfig, context: Distributed) -> None:
         self.config, self.context = config, context
         self.output_dir = Path(config.output_dir)
@@ -106,7 +89,10 @@ class Trainer:
 
     def say(self, message: str) -> None:
         if self.context.is_main:
-            (self.bar.write if self.bar is not None else print)(message)
+            if self.bar is not None:
+                self.bar.write(message)
+            else:
+                print(message, flush=True)
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -149,17 +135,19 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- step
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        local_tokens = sum(count_trained_tokens(b["labels"]) for b in batches)
-        tokens = all_reduce_sum(self.context, torch.tensor([float(local_tokens)], device=self.context.device))
-        global_tokens = max(tokens.item(), 1.0)
+        local = [
+            sum(count_trained_tokens(b["labels"]) for b in batches),
+            sum(int(b["attention_mask"].sum()) for b in batches),
+        ]
+        counts = all_reduce_sum(
+            self.context, torch.tensor(local, dtype=torch.float64, device=self.context.device)
+        )
+        global_tokens = max(counts[0].item(), 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
         for batch in batches:
             batch = {k: v.to(self.context.device) for k, v in batch.items()}
             with autocast_context(self.config.precision, self.context.device):
-                logits = self.model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-            micro_loss = token_loss_sum(logits, batch["labels"])
+                micro_loss = forward_loss_sum(self.model, batch)
             scaled = micro_loss / global_tokens
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += micro_loss.detach().double()
@@ -184,7 +172,13 @@ class Trainer:
             self.optimizer.step()
         after_optimizer_step(self.model, self.state.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens.item())}
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(counts[0]),
+            "input_tokens": int(counts[1]),
+        }
 
     def _add_regularizer(self) -> None:
         """A method's regulariser (AdaLoRA) once per step; each rank adds 1/world_size of it."""
@@ -242,67 +236,6 @@ class Trainer:
         return loss
 
     # ------------------------------------------------------------------------------- checkpoint/resume
-    def save(self) -> None:
-        rng = gather_tensors(self.context, capture_rng_state())
-        if self.context.is_main:
-            state = {
-                **dataclasses.asdict(self.state),
-                "plan": self.plan.as_dict(),
-                "world_size": self.context.world_size,
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "lr_scheduler": {"kind": self.config.lr_scheduler, "base_lrs": self.base_lrs},
-                "config": dataclasses.asdict(self.config),
-            }
-            folder = ckpt.save_checkpoint(
-                self.checkpoint_root,
-                self.state.step,
-                model=self.model,
-                optimizer=self.optimizer,
-                trainer_state=state,
-                rng_states=rng,
-                keep=self.config.save_total_limit,
-                method_state=method_state(self.model),
-            )
-            self.say(f"step {self.state.step}: checkpoint {folder}")
-        self.state.last_checkpoint = str(self.checkpoint_root / f"step-{self.state.step:08d}")
-        barrier(self.context)
-
-    def resume(self) -> bool:
-        """Restore the newest complete checkpoint; False when there is none."""
-        folder = ckpt.latest_checkpoint(self.checkpoint_root)
-        if folder is None:
-            self.say(f"resume: no complete checkpoint in {self.checkpoint_root}; starting from step 0")
-            return False
-        saved = ckpt.read_checkpoint(folder)
-        trainer_state = saved["trainer_state"]
-        self._check_compatible(trainer_state, folder)
-        ckpt.load_trainable_state(self.model, saved["trainable"])
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        ckpt.optimizer_from_safetensors(
-            self.optimizer, names, saved["optimizer_tensors"], saved["optimizer_index"]
-        )
-        load_method_state(self.model, saved["method"])
-        if self.scaler is not None and trainer_state.get("scaler"):
-            self.scaler.load_state_dict(trainer_state["scaler"])
-        prefix = f"rank{self.context.rank}/"
-        restore_rng_state({k[len(prefix) :]: v for k, v in saved["rng"].items() if k.startswith(prefix)})
-        fields = {f.name for f in dataclasses.fields(RunState)}
-        self.state = RunState(**{k: v for k, v in trainer_state.items() if k in fields})
-        self.state.last_checkpoint = str(folder)
-        if self.context.is_main:
-            truncate_metrics(self.metrics.path, self.state.step)
-        self.say(f"resume: continuing from {folder} (step {self.state.step} of {self.plan.total_steps})")
-        return True
-
-    def _check_compatible(self, trainer_state: dict[str, Any], folder: Path) -> None:
-        saved_plan, world = trainer_state.get("plan", {}), trainer_state.get("world_size")
-        if saved_plan != self.plan.as_dict() or world != self.context.world_size:
-            raise ckpt.CheckpointError(
-                f"{folder} was written by a run with plan {saved_plan} on {world} process(es); this run has "
-                f"{self.plan.as_dict()} on {self.context.world_size}. Resume with the same data, batch sizes, "
-                "steps and number of processes, or use a new output_dir."
-            )
-
     # --------------------------------------------------------------------------------------------- run
     def run(self) -> TrainResult:
         self._check_output_dir()
@@ -319,21 +252,6 @@ class Trainer:
             self.state.eval_loss_start = self.log_eval()
         self.train_loop()
         return self.finish()
-
-    def _check_output_dir(self) -> None:
-        """A fresh run never silently overwrites the checkpoints of an earlier one."""
-        previous = ckpt.latest_checkpoint(self.checkpoint_root)
-        if previous is None or self.config.resume:
-            return
-        if not self.config.overwrite_output_dir:
-            raise ckpt.CheckpointError(
-                f"{self.output_dir} already holds checkpoints of an earlier run (newest: {previous.name}). "
-                "Use --resume to continue it, --output_dir DIR for a new run, or --overwrite_output_dir to start over."
-            )
-        barrier(self.context)
-        if self.context.is_main:
-            shutil.rmtree(self.checkpoint_root)
-        barrier(self.context)
 
     def train_loop(self) -> None:
         config, plan = self.config, self.plan
@@ -362,7 +280,7 @@ class Trainer:
             self.bar = None
 
     def _log_step(self, stats: dict[str, float], elapsed: float) -> None:
-        tokens_per_s = stats["tokens"] / max(elapsed, 1e-9)
+        tokens_per_s = stats["input_tokens"] / max(elapsed, 1e-9)
         self.bar.update(1)
         self.bar.set_postfix(
             loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}"

@@ -1,6 +1,7 @@
 """Run metrics: one JSON object per line in ``metrics.jsonl``, plus the end-of-run summary.
 
-Train lines: ``{"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}``;
+Train lines: ``{"step", "epoch", "loss", "lr", "grad_norm", "tokens", "input_tokens", "tokens_per_s",
+"elapsed_s"}`` (``tokens``: trained tokens of the step; ``tokens_per_s``: input tokens, padding excluded);
 eval lines: ``{"step", "eval_loss", "eval_ppl", "eval_tokens"}`` with ``eval_ppl = exp(eval_loss)``.
 """
 
