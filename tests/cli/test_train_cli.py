@@ -141,3 +141,41 @@ def test_chat_keeps_history_and_quits(tiny_assets, capsys, monkeypatch) -> None:
 def test_missing_adapter_is_a_clear_error(tmp_path, capsys) -> None:
     assert main(["generate", "--adapter", str(tmp_path / "nope"), "hi"]) == 1
     assert "not an adapter folder" in capsys.readouterr().err
+
+
+def test_train_reports_data_and_model_errors_without_traceback(tiny_assets, tmp_path, capsys) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{not json}\n')
+    common = ["--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(["train", "--model", str(tiny_assets["model"]), "--dataset", str(broken), *common]) == 1
+    err = capsys.readouterr().err
+    assert "lorakit train: error: " in err and "broken.jsonl, line 2" in err and "Traceback" not in err
+    assert main(["train", "--model", str(tmp_path / "no-such-model"), *common]) == 1
+    assert "lorakit train: error: " in capsys.readouterr().err
+
+
+def test_train_cli_runs_and_resumes(tiny_assets, tmp_path, capsys) -> None:
+    flags = [
+        "--model",
+        str(tiny_assets["model"]),
+        "--dataset",
+        str(tiny_assets["data"]),
+        "--eval_split",
+        "0.2",
+    ]
+    flags += [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--micro_batch_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    assert main(["train", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "before:" in out and "after:" in out
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(["train", *flags, "--resume"]) == 0  # already finished: resumes at step 2 and ends
+    assert "continuing from" in capsys.readouterr().out

@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.data import DatasetError, load_records, sample_dataset, tokenize_records
+    from lorakit.models import ModelLoadError
     from lorakit.train.evaluation import loss_sum_and_tokens
     from lorakit.train.inference import load_for_inference
     from lorakit.train.metrics import perplexity
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             train_on_prompt=args.train_on_prompt,
             source=source,
         )
-    except (DatasetError, FileNotFoundError, ValueError, OSError) as error:
+    except (DatasetError, FileNotFoundError, ValueError, OSError, ModelLoadError) as error:
         print(f"lorakit eval: error: {error}", file=sys.stderr)
         return 1
     loss_sum, tokens = loss_sum_and_tokens(

@@ -36,11 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load(args: argparse.Namespace):
     """``(model, tokenizer)`` or None after printing an error."""
+    from lorakit.models import ModelLoadError
     from lorakit.train.inference import load_for_inference
 
     try:
         return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
-    except (FileNotFoundError, ValueError, OSError) as error:
+    except (FileNotFoundError, ValueError, OSError, ModelLoadError) as error:
         print(f"lorakit {args.command}: error: {error}", file=sys.stderr)
         return None
 

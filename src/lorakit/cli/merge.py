@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lorakit.models import ModelLoadError
     from lorakit.train.inference import DTYPES, load_for_inference
 
     out = Path(args.out)
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         model, tokenizer = load_for_inference(args.model, args.adapter, device="cpu", dtype="fp32")
-    except (FileNotFoundError, ValueError, OSError) as error:
+    except (FileNotFoundError, ValueError, OSError, ModelLoadError) as error:
         print(f"lorakit merge: error: {error}", file=sys.stderr)
         return 1
     merged = model.merge_and_unload()

@@ -104,12 +104,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(config: TrainConfig) -> int:
     from lorakit.data import DatasetError
+    from lorakit.models import ModelLoadError
     from lorakit.train.checkpoint import CheckpointError
     from lorakit.train.loop import TrainingDiverged, train
 
     try:
         train(config)
-    except (ConfigError, DatasetError, CheckpointError, TrainingDiverged, FileNotFoundError) as error:
+    except (
+        ConfigError,
+        DatasetError,
+        CheckpointError,
+        TrainingDiverged,
+        ModelLoadError,
+        FileNotFoundError,
+    ) as error:
         print(f"lorakit train: error: {error}", file=sys.stderr)
         return 1
     return 0
