@@ -86,6 +86,7 @@ class Trainer(CheckpointMixin):
         self.state = RunState()
         self.bar: tqdm | None = None
         self._orders: dict[int, list[int]] = {}
+        self.started = time.perf_counter()
 
     def say(self, message: str) -> None:
         if self.context.is_main:
@@ -98,7 +99,11 @@ class Trainer(CheckpointMixin):
     def setup(self) -> None:
         config = self.config
         seed_everything(config.seed)
+        if not self.context.is_main:
+            barrier(self.context)  # rank 0 loads first: it may convert the embedded model into the cache
         self.model, self.tokenizer = load_base(config, self.context.device)
+        if self.context.is_main:
+            barrier(self.context)
         self.data: PreparedData = prepare_data(config, self.tokenizer, self.say)
         self.plan: Plan = make_plan(config, len(self.data.train), self.context.world_size)
         self.model = attach_adapter(self.model, config, self.plan.total_steps)
@@ -330,6 +335,7 @@ class Trainer(CheckpointMixin):
             "steps": self.state.step,
             "trained_tokens": self.state.trained_tokens,
             "train_time_s": self.state.train_time_s,
+            "run_time_s": time.perf_counter() - self.started,
             "peak_memory_bytes": peak_memory_bytes(self.context.device),
             "eval_loss_start": self.state.eval_loss_start,
             "eval_loss_end": self.state.eval_loss_end,

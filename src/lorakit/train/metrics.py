@@ -76,7 +76,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)",
         f"steps: {summary['steps']}  trained tokens: {summary['trained_tokens']:,}  "
-        f"time: {summary['train_time_s']:.1f} s  peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB",
+        f"training time: {summary['train_time_s']:.1f} s (whole run {summary.get('run_time_s', 0):.0f} s)  peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB",
     ]
     if summary.get("eval_loss_start") is not None and summary.get("eval_loss_end") is not None:
         lines.append(
