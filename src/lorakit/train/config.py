@@ -4,7 +4,10 @@ Precedence is ``defaults < YAML file < command-line flags``. Every field is a YA
 ``--lora_r 16``, ``--lora-r 16`` and ``--lora.r 16`` mean the same, and in YAML ``lora_r: 16`` equals
 the nested form ``lora: {r: 16}``. Unknown keys are errors that suggest the closest valid key
 (:func:`difflib.get_close_matches`). The defaults are the embedded default run: SmolLM2-135M-Instruct
-on the bundled sample dataset, sized to finish in a few minutes on 2 CPU cores.
+on the bundled sample dataset, sized to finish in a few minutes on 2 CPU cores. Measured on the sample
+(300 examples, about 57 tokens each): held-out loss 3.44 -> 0.79 after 10 steps, 0.58 after 20, 0.48 after
+40, so ``max_steps`` defaults to 40 (half an epoch); for your own data set ``--max_steps none
+--num_epochs N``.
 """
 
 from __future__ import annotations
@@ -87,7 +90,9 @@ class TrainConfig:
     warmup_steps: int | None = _help("Linear warm-up steps; empty = warmup_ratio * total steps.", None)
     warmup_ratio: float = _help("Warm-up as a fraction of total steps when warmup_steps is empty.", 0.1)
     num_epochs: float = _help("Passes over the training data (ignored when max_steps is set).", 1.0)
-    max_steps: int | None = _help("Total optimizer steps; overrides num_epochs.", None)
+    max_steps: int | None = _help(
+        "Total optimizer steps; overrides num_epochs ('none' to use num_epochs).", 40
+    )
     micro_batch_size: int = _help("Sequences per forward pass (per process).", 4)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", 1)
     max_grad_norm: float = _help("Gradient clipping norm; 0 = off.", 1.0)
@@ -98,8 +103,8 @@ class TrainConfig:
     compute_dtype: str = _help("Compute dtype of 4-bit layers: bf16|fp16|fp32.", "bf16")
     # -- run management
     output_dir: str = _help("Where adapter, checkpoints, metrics and plots go.", "runs/lorakit")
-    eval_steps: int = _help("Evaluate on the held-out split every N steps (0 = only at start and end).", 25)
-    save_steps: int = _help("Write a checkpoint every N steps (0 = only at the end).", 50)
+    eval_steps: int = _help("Evaluate on the held-out split every N steps (0 = only at start and end).", 20)
+    save_steps: int = _help("Write a checkpoint every N steps (0 = only at the end).", 20)
     save_total_limit: int = _help("Keep the newest K checkpoints.", 2)
     logging_steps: int = _help("Write a metrics line every N steps.", 1)
     resume: bool = _help("Continue from the newest complete checkpoint in output_dir.", False)

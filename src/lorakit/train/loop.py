@@ -114,6 +114,11 @@ class Trainer(CheckpointMixin):
         fp16 = config.precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.context.device.type, enabled=fp16) if fp16 else None
         self.pad_id = self.tokenizer.pad_token_id
+        if config.max_steps and self.plan.total_steps < self.plan.steps_per_epoch:
+            self.say(
+                f"note: max_steps={config.max_steps} covers {self.plan.total_steps / self.plan.steps_per_epoch:.0%} "
+                "of one epoch; use --max_steps none --num_epochs N to train on all of the data"
+            )
         trainable, total = self.model.get_nb_trainable_parameters()
         self.param_counts = (trainable, total)
         self.say(
