@@ -45,8 +45,9 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def resolve_source(name_or_path: str | None) -> ModelSource:
+def resolve_source(name_or_path: str | Path | None) -> ModelSource:
     """Classify ``name_or_path`` without loading anything (raises for missing paths and invalid names)."""
+    name_or_path = None if name_or_path is None else str(name_or_path)
     if is_default_model(name_or_path):
         return ModelSource("embedded", "smollm2", embedded_gguf_path())
     assert name_or_path is not None
@@ -81,7 +82,7 @@ def _folder_source(path: Path) -> ModelSource:
     )
 
 
-def model_folder(name_or_path: str | None = None, *, cache_dir: str | Path | None = None) -> str:
+def model_folder(name_or_path: str | Path | None = None, *, cache_dir: str | Path | None = None) -> str:
     """The folder or Hub id that ``from_pretrained`` loads for ``name_or_path`` (converting a GGUF once)."""
     source = resolve_source(name_or_path)
     if source.gguf_path is None:
@@ -104,7 +105,7 @@ def _pretrained_error(what: str, name: str, error: Exception) -> ModelLoadError:
 
 
 def load_model(
-    name_or_path: str | None = None,
+    name_or_path: str | Path | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     load_in_4bit: bool = False,
@@ -124,7 +125,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as error:
-        raise _pretrained_error("model", name_or_path or "smollm2", error) from error
+        raise _pretrained_error("model", str(name_or_path or "smollm2"), error) from error
     if device is not None:
         model.to(device)
     if load_in_4bit:
@@ -134,7 +135,7 @@ def load_model(
     return model.eval()
 
 
-def load_tokenizer(name_or_path: str | None = None, *, cache_dir: str | Path | None = None) -> Any:
+def load_tokenizer(name_or_path: str | Path | None = None, *, cache_dir: str | Path | None = None) -> Any:
     """The tokenizer that belongs to :func:`load_model` ``(name_or_path)`` (same sources, same cache)."""
     from transformers import AutoTokenizer
 
@@ -142,4 +143,4 @@ def load_tokenizer(name_or_path: str | None = None, *, cache_dir: str | Path | N
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as error:
-        raise _pretrained_error("tokenizer", name_or_path or "smollm2", error) from error
+        raise _pretrained_error("tokenizer", str(name_or_path or "smollm2"), error) from error

@@ -372,19 +372,33 @@ HELD_OUT = {
 }
 
 
+# The held-out rows are interleaved in this category order, so the first few (which the trainer shows in
+# its before/after comparison) cover different tasks.
+EVAL_ORDER = [
+    "capitals",
+    "translations",
+    "opposites",
+    "animals",
+    "arithmetic",
+    "colors",
+    "letters",
+    "persona",
+]
+
+
 def build() -> tuple[list[dict], list[dict]]:
     """(train, eval) records; each category's first HELD_OUT entries after a seeded shuffle go to eval."""
     rng = random.Random(SEED)
-    train, held = [], []
+    train, held = [], {}
     for category, rows in _examples(rng).items():
         rows = list(rows)
         rng.shuffle(rows)
         cut = HELD_OUT[category]
-        held += [{"instruction": q, "input": x, "output": a} for q, x, a in rows[:cut]]
+        held[category] = [{"instruction": q, "input": x, "output": a} for q, x, a in rows[:cut]]
         train += [{"instruction": q, "input": x, "output": a} for q, x, a in rows[cut:]]
     rng.shuffle(train)
-    rng.shuffle(held)
-    return train, held
+    interleaved = [held[c][i] for i in range(max(HELD_OUT.values())) for c in EVAL_ORDER if i < len(held[c])]
+    return train, interleaved
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
