@@ -179,3 +179,5 @@ def test_train_cli_runs_and_resumes(tiny_assets, tmp_path, capsys) -> None:
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert main(["train", *flags, "--resume"]) == 0  # already finished: resumes at step 2 and ends
     assert "continuing from" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2]  # the final evaluation is not repeated

@@ -19,6 +19,8 @@ def test_metrics_write_read_truncate(tmp_path) -> None:
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5, 5]
     truncate_metrics(path, 3)
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    truncate_metrics(path, 10)  # fewer records than asked for: all kept
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     MetricsLog(tmp_path / "other.jsonl", enabled=False).write({"step": 1})
     assert not (tmp_path / "other.jsonl").exists()
 

@@ -245,7 +245,6 @@ class Trainer(CheckpointMixin):
             self.say(f"step {self.state.step}: held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
         return loss
 
-    # ------------------------------------------------------------------------------- checkpoint/resume
     # --------------------------------------------------------------------------------------------- run
     def run(self) -> TrainResult:
         self._check_output_dir()
@@ -307,7 +306,8 @@ class Trainer(CheckpointMixin):
 
     # ------------------------------------------------------------------------------------------ finish
     def finish(self) -> TrainResult:
-        self.state.eval_loss_end = self.log_eval()
+        if self.state.eval_loss_end is None:  # not yet done before a checkpoint this run resumed from
+            self.state.eval_loss_end = self.log_eval()
         if self.config.save_steps == 0 or self.state.step % self.config.save_steps != 0:
             self.save()
         adapter_dir = self.output_dir / "adapter"

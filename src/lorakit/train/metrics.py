@@ -49,9 +49,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep records up to ``last_step``: a resumed run rewrites the steps after its checkpoint."""
-    records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+def truncate_metrics(path: Path, keep_records: int) -> None:
+    """Keep the first ``keep_records`` records: a resumed run rewrites what came after its checkpoint."""
+    records = read_metrics(path)[:keep_records]
     temp = path.with_suffix(".tmp")
     temp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
     os.replace(temp, path)

@@ -15,7 +15,7 @@ from typing import Any
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.adapters import load_method_state, method_state
 from lorakit.train.distributed import barrier, gather_tensors
-from lorakit.train.metrics import truncate_metrics
+from lorakit.train.metrics import read_metrics, truncate_metrics
 from lorakit.train.rng import capture_rng_state, restore_rng_state
 
 
@@ -44,6 +44,7 @@ class CheckpointMixin:
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "lr_scheduler": {"kind": self.config.lr_scheduler, "base_lrs": self.base_lrs},
                 "config": dataclasses.asdict(self.config),
+                "metrics_records": len(read_metrics(self.metrics.path)),
             }
             folder = ckpt.save_checkpoint(
                 self.checkpoint_root,
@@ -82,7 +83,7 @@ class CheckpointMixin:
         self.state = RunState(**{k: v for k, v in trainer_state.items() if k in fields})
         self.state.last_checkpoint = str(folder)
         if self.context.is_main:
-            truncate_metrics(self.metrics.path, self.state.step)
+            truncate_metrics(self.metrics.path, trainer_state.get("metrics_records", 0))
         self.say(f"resume: continuing from {folder} (step {self.state.step} of {self.plan.total_steps})")
         return True
 
