@@ -32,6 +32,8 @@ def test_two_processes_equal_one_with_double_batch_and_resume(tiny_run_inputs, t
     single_evals = [r for r in read_metrics(tmp_path / "single" / "metrics.jsonl") if "eval_loss" in r]
     ddp_evals = [r for r in records if "eval_loss" in r]
     assert [r["eval_tokens"] for r in ddp_evals] == [r["eval_tokens"] for r in single_evals]
+    for ours, reference in zip(ddp_evals, single_evals, strict=True):
+        assert abs(ours["eval_loss"] - reference["eval_loss"]) < 1e-5
 
     # Resume under torchrun from the step-2 checkpoint: bit-identical to the uninterrupted 2-process run.
     resumed_dir = tmp_path / "ddp-resumed"
