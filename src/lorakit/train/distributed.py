@@ -42,7 +42,9 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto.")
+        raise ConfigError(
+            "device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto."
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device
