@@ -85,7 +85,9 @@ def test_bf16_base_with_fp32_adapter():
     A, B = torch.randn(2, 8), torch.randn(8, 2)
     base = torch.randn(4, 8, dtype=torch.bfloat16)
     out = lora_update_(base.clone(), x, A, B, 0.5)
-    torch.testing.assert_close(out, _reference(base.float(), x.float(), A, B, 0.5).bfloat16(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(
+        out, _reference(base.float(), x.float(), A, B, 0.5).bfloat16(), atol=0.05, rtol=0.02
+    )
 
 
 def _llama_with_adapters(tmp_path, n_adapters=4):
@@ -93,8 +95,9 @@ def _llama_with_adapters(tmp_path, n_adapters=4):
     theirs = None
     for i in range(n_adapters):
         torch.manual_seed(100 + i)
-        config = peft.LoraConfig(target_modules=LLAMA_PROJECTIONS + ["embed_tokens"], r=2 + 2 * i,
-                                 init_lora_weights=False)
+        config = peft.LoraConfig(
+            target_modules=LLAMA_PROJECTIONS + ["embed_tokens"], r=2 + 2 * i, init_lora_weights=False
+        )
         if theirs is None:
             theirs = peft.get_peft_model(tiny_llama(), config, adapter_name=f"a{i}")
         else:
@@ -116,11 +119,11 @@ def test_mixed_adapter_batch_equals_one_adapter_at_a_time_and_peft(tmp_path):
         for i, name in enumerate(rows):
             if name == "__base__":
                 with ours.disable_adapter():
-                    expected = ours(input_ids=ids[i:i + 1]).logits
+                    expected = ours(input_ids=ids[i : i + 1]).logits
             else:
                 ours.set_adapter(name)
-                expected = ours(input_ids=ids[i:i + 1]).logits
-            torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=0)
+                expected = ours(input_ids=ids[i : i + 1]).logits
+            torch.testing.assert_close(mixed[i : i + 1], expected, atol=1e-5, rtol=0)
         peft_mixed = theirs(input_ids=ids, adapter_names=rows).logits
     torch.testing.assert_close(mixed, peft_mixed, atol=1e-5, rtol=0)
 
@@ -135,3 +138,25 @@ def test_mixed_batch_errors(tmp_path):
     ours.train()
     with pytest.raises(ValueError, match="for inference"):
         ours(input_ids=ids, adapter_names=["a0", "a1"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_the_low_rank_path_in_the_autocast_dtype(dtype):
+    torch.manual_seed(0)
+    layer = Linear(nn.Linear(16, 16))
+    layer.update_layer("default", 4, 8, 0.0, False)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    reference = layer(x)
+    reference.square().sum().backward()
+    want = [x.grad.clone(), layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    with torch.autocast("cpu", dtype=dtype):
+        out = layer(x)
+    assert out.dtype == dtype
+    out.float().square().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32  # adapter weights and grads stay fp32
+    got = [x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.03)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0.2, rtol=0.05)

@@ -56,14 +56,19 @@ def test_plain_mlp_trains_only_the_adapter_and_counts_r_times_in_plus_out():
 
 def test_llama_trainable_count_is_sum_of_r_in_plus_out():
     model = tiny_llama()
-    shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
-              if n.split(".")[-1] in LLAMA_PROJECTIONS}
+    shapes = {
+        n: (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if n.split(".")[-1] in LLAMA_PROJECTIONS
+    }
     peft_model = get_peft_model(model, LoraConfig(target_modules=LLAMA_PROJECTIONS, r=8))
     assert peft_model.get_nb_trainable_parameters()[0] == sum(8 * (i + o) for i, o in shapes.values())
 
 
 def test_every_adapter_param_changes_and_base_is_bit_identical_on_llama(input_ids):
-    peft_model = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", target_modules=LLAMA_PROJECTIONS))
+    peft_model = get_peft_model(
+        tiny_llama(), LoraConfig(task_type="CAUSAL_LM", target_modules=LLAMA_PROJECTIONS)
+    )
     frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
     adapter = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -93,7 +98,9 @@ def test_merge_unmerge_and_merge_and_unload(input_ids):
     restored = peft_model.get_base_model()
     for name, layer in restored.named_modules():
         if isinstance(layer, LoraLayer):
-            torch.testing.assert_close(layer.base_layer.weight, base_state[f"{name}.weight"], atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                layer.base_layer.weight, base_state[f"{name}.weight"], atol=1e-6, rtol=0
+            )
     merged = peft_model.merge_and_unload()
     assert not any(isinstance(m, LoraLayer) for m in merged.modules())
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -112,9 +119,13 @@ def test_unload_gives_back_the_base_model(input_ids):
 def test_several_adapters_add_switch_disable_delete(input_ids, tmp_path):
     model = tiny_llama()
     base_logits = _logits(model, input_ids)
-    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     torch.manual_seed(5)
-    peft_model.add_adapter("other", LoraConfig(target_modules=["k_proj", "v_proj"], r=4, init_lora_weights=False))
+    peft_model.add_adapter(
+        "other", LoraConfig(target_modules=["k_proj", "v_proj"], r=4, init_lora_weights=False)
+    )
     assert peft_model.active_adapter == "default"
     first = _logits(peft_model, input_ids)
     peft_model.set_adapter("other")
@@ -158,7 +169,9 @@ def test_from_pretrained_is_frozen_unless_trainable(tmp_path):
 
 def test_seq_cls_trains_and_saves_the_classifier_head(tmp_path):
     model = tiny_bert_classifier()
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=["query", "value"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=["query", "value"])
+    )
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert "base_model.model.classifier.modules_to_save.default.weight" in trainable
     peft_model.save_pretrained(tmp_path)
@@ -199,7 +212,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(input_ids):
         model = tiny_llama()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model = get_peft_model(model, LoraConfig(target_modules=LLAMA_PROJECTIONS, init_lora_weights=False))
+        peft_model = get_peft_model(
+            model, LoraConfig(target_modules=LLAMA_PROJECTIONS, init_lora_weights=False)
+        )
         peft_model.train()
         peft_model(input_ids=input_ids, labels=input_ids).loss.backward()
         return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -208,3 +223,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(input_ids):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_forward_advertises_the_wrapped_models_arguments_and_survives_deepcopy(input_ids):
+    import copy
+    import inspect
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    assert list(inspect.signature(peft_model.forward).parameters)[:2] == ["input_ids", "attention_mask"]
+    clone = copy.deepcopy(peft_model)
+    assert clone.forward.__self__ is clone
+    with torch.no_grad():
+        for param in clone.parameters():
+            param.add_(0.1)
+    assert (_logits(clone, input_ids) - _logits(peft_model, input_ids)).abs().max() > 1e-3

@@ -56,36 +56,55 @@ def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Ten
     return x2 if mask is None else x2 * mask.reshape(x2.shape) / (1 - p)
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the low-rank products run in: autocast's when it is on (bf16/fp16 training), else the adapter's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _add_low_rank_(base_out: torch.Tensor, h: torch.Tensor, weight_B: torch.Tensor, scaling: float) -> None:
+    """``base_out += scaling * h B^T``, one fused ``addmm_`` when the dtypes agree."""
+    out2 = base_out.view(-1, base_out.shape[-1])
+    if out2.dtype == h.dtype:
+        out2.addmm_(h, weight_B.T, alpha=scaling)
+    else:
+        out2.add_((h @ weight_B.T).mul_(scaling).to(out2.dtype))
+
+
 class _LoraUpdate(torch.autograd.Function):
+    """Autocast is handled here by explicit casts to one compute dtype, so forward and backward agree."""
+
     @staticmethod
-    def forward(ctx, base_out, x, weight_A, weight_B, scaling, p, mask):
-        x2 = x.reshape(-1, x.shape[-1]).to(weight_A.dtype)
-        h = _dropped(x2, mask, p) @ weight_A.T  # (tokens, r)
-        out2 = base_out.view(-1, base_out.shape[-1])
-        if out2.dtype == weight_B.dtype:
-            out2.addmm_(h, weight_B.T, alpha=scaling)
-        else:
-            out2.add_((h @ weight_B.T).mul_(scaling).to(out2.dtype))
+    def forward(ctx, base_out, x, weight_A, weight_B, scaling, p, mask, compute_dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+            h = _dropped(x2, mask, p) @ weight_A.to(compute_dtype).T  # (tokens, r)
+            _add_low_rank_(base_out, h, weight_B.to(compute_dtype), scaling)
         ctx.mark_dirty(base_out)
         ctx.save_for_backward(x, weight_A, weight_B, h, mask)
-        ctx.scaling, ctx.p = scaling, p
+        ctx.scaling, ctx.p, ctx.compute_dtype = scaling, p, compute_dtype
         return base_out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight_A, weight_B, h, mask = ctx.saved_tensors
         need_x, need_A, need_B = ctx.needs_input_grad[1:4]
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_B.dtype)
+        dtype = ctx.compute_dtype
         grad_x = grad_A = grad_B = None
-        if need_B:
-            grad_B = (g.T @ h).mul_(ctx.scaling)
-        if need_x or need_A:
-            grad_h = (g @ weight_B).mul_(ctx.scaling)
-            if need_A:
-                grad_A = grad_h.T @ _dropped(x.reshape(-1, x.shape[-1]).to(weight_A.dtype), mask, ctx.p)
-            if need_x:
-                grad_x = _dropped(grad_h @ weight_A, mask, ctx.p).view(x.shape).to(x.dtype)
-        return grad_out, grad_x, grad_A, grad_B, None, None, None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            if need_B:
+                grad_B = (g.T @ h).mul_(ctx.scaling).to(weight_B.dtype)
+            if need_x or need_A:
+                grad_h = (g @ weight_B.to(dtype)).mul_(ctx.scaling)
+                if need_A:
+                    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+                    grad_A = (grad_h.T @ _dropped(x2, mask, ctx.p)).to(weight_A.dtype)
+                if need_x:
+                    grad_x = _dropped(grad_h @ weight_A.to(dtype), mask, ctx.p).view(x.shape).to(x.dtype)
+        return grad_out, grad_x, grad_A, grad_B, None, None, None, None
 
 
 def lora_update_(
@@ -97,15 +116,14 @@ def lora_update_(
     if not base_out.is_contiguous():
         base_out = base_out.contiguous()
     mask = _dropout_keep_mask(x, p) if p > 0 else None
+    compute_dtype = _compute_dtype(x, weight_A)
     if not torch.is_grad_enabled():
-        h = _dropped(x.reshape(-1, x.shape[-1]).to(weight_A.dtype), mask, p) @ weight_A.T
-        out2 = base_out.view(-1, base_out.shape[-1])
-        if out2.dtype == weight_B.dtype:
-            out2.addmm_(h, weight_B.T, alpha=scaling)
-        else:
-            out2.add_((h @ weight_B.T).mul_(scaling).to(out2.dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+            h = _dropped(x2, mask, p) @ weight_A.to(compute_dtype).T
+            _add_low_rank_(base_out, h, weight_B.to(compute_dtype), scaling)
         return base_out
-    return _LoraUpdate.apply(base_out, x, weight_A, weight_B, scaling, p, mask)
+    return _LoraUpdate.apply(base_out, x, weight_A, weight_B, scaling, p, mask, compute_dtype)
 
 
 def mixed_batch_update(

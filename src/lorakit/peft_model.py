@@ -9,7 +9,9 @@ other adapter in a sub-folder named after it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +52,8 @@ class PeftModel(nn.Module):
         if tuner_cls is None:
             raise ValueError(f"No tuner registered for {peft_config.peft_type}.")
         self.base_model = tuner_cls(model, peft_config, adapter_name)
+        self.forward = types.MethodType(_forward_with_signature_of(model), self)
+
 
     def __getattr__(self, name: str):
         try:
@@ -195,6 +199,26 @@ class PeftModel(nn.Module):
             if adapter_name in self.peft_config and len(self.peft_config) > 1:
                 self.delete_adapter(adapter_name)  # leave the model as it was before the failed load
             raise
+
+
+def _forward_with_signature_of(model: nn.Module):
+    """``PeftModel.forward`` advertising the wrapped model's arguments.
+
+    transformers' ``Trainer`` keeps only the dataset columns named in ``inspect.signature(model.forward)``; with
+    a bare ``*args, **kwargs`` it would drop them all. A bound method (not a closure) so deepcopy rebinds it.
+    """
+
+    def forward(self, *args, **kwargs):
+        return PeftModel.forward(self, *args, **kwargs)
+
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return forward
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = inspect.Signature([self_parameter, *parameters])
+    forward.__doc__ = model.forward.__doc__
+    return forward
 
 
 def resolve_adapter_dir(model_id: str | os.PathLike) -> Path:

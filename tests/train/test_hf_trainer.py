@@ -36,9 +36,8 @@ def test_peft_model_trains_in_transformers_trainer(tmp_path) -> None:
         logging_steps=1,
         use_cpu=True,
         disable_tqdm=True,
-        # Trainer keeps only the dataset columns named in model.forward's signature; PeftModel.forward
-        # takes (*args, **kwargs), so the columns are passed through unfiltered.
-        remove_unused_columns=False,
+        # default remove_unused_columns=True: Trainer keeps the columns named in PeftModel.forward's signature,
+        # which advertises the wrapped model's arguments
     )
     trainer = Trainer(model=model, args=arguments, train_dataset=_Sequences())
     result = trainer.train()
