@@ -19,8 +19,13 @@ def tiny_llama(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     settings = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     config = LlamaConfig(**(settings | overrides))
     return LlamaForCausalLM(config).eval()
@@ -39,8 +44,13 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
 
     torch.manual_seed(seed)
     config = BertConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=128, max_position_embeddings=64, num_labels=num_labels,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+        num_labels=num_labels,
     )
     return BertForSequenceClassification(config).eval()
 

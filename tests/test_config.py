@@ -10,16 +10,19 @@ from lorakit import LoraConfig, TaskType
 from lorakit.config import load_config
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(r=0), "r must be a positive integer"),
-    (dict(r=-4), "r must be a positive integer"),
-    (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
-    (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
-    (dict(bias="some"), "bias must be"),
-    (dict(task_type="CAUSAL"), "Unknown task_type 'CAUSAL'; use one of: CAUSAL_LM"),
-    (dict(init_lora_weights="xavier"), "init_lora_weights must be"),
-    (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=0), "r must be a positive integer"),
+        (dict(r=-4), "r must be a positive integer"),
+        (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
+        (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
+        (dict(bias="some"), "bias must be"),
+        (dict(task_type="CAUSAL"), "Unknown task_type 'CAUSAL'; use one of: CAUSAL_LM"),
+        (dict(init_lora_weights="xavier"), "init_lora_weights must be"),
+        (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\]"),
+    ],
+)
 def test_bad_values_are_rejected_with_the_field_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoraConfig(target_modules=["q"], **kwargs)
@@ -31,8 +34,14 @@ def test_task_type_accepts_strings_and_enum():
 
 
 def test_json_round_trip(tmp_path):
-    config = LoraConfig(task_type="CAUSAL_LM", target_modules={"v_proj", "q_proj"}, r=4, lora_alpha=32,
-                        rank_pattern={"q_proj": 2}, use_rslora=True)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        target_modules={"v_proj", "q_proj"},
+        r=4,
+        lora_alpha=32,
+        rank_pattern={"q_proj": 2},
+        use_rslora=True,
+    )
     config.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "LORA" and data["task_type"] == "CAUSAL_LM"

@@ -16,8 +16,11 @@ def _adapted(model):
 
 def test_list_matches_exact_or_dot_suffix():
     names = find_targets(tiny_llama(), LoraConfig(target_modules=["q_proj", "model.layers.1.mlp.up_proj"]))
-    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
-                     "model.layers.1.mlp.up_proj"]
+    assert names == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
 
 
 def test_list_does_not_match_partial_names():
@@ -49,9 +52,16 @@ def test_layers_to_transform_with_pattern():
 
 
 def test_rank_and_alpha_patterns_override_per_module():
-    model = get_peft_model(tiny_llama(), LoraConfig(
-        target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16,
-        rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 4}))
+    model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(
+            target_modules=["q_proj", "v_proj"],
+            r=8,
+            lora_alpha=16,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={r"layers\.1\.self_attn\.q_proj": 4},
+        ),
+    )
     base = model.get_base_model()
     v = base.model.layers[0].self_attn.v_proj
     q1 = base.model.layers[1].self_attn.q_proj

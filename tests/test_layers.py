@@ -39,7 +39,9 @@ def test_default_init_has_kaiming_A_zero_B_and_starts_at_base():
     x = torch.randn(3, 6)
     assert torch.equal(layer(x), layer.base_layer(x))
     assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
-    bound = 1 / math.sqrt(6)  # kaiming_uniform(a=sqrt(5)) on fan_in=6 gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1 / math.sqrt(
+        6
+    )  # kaiming_uniform(a=sqrt(5)) on fan_in=6 gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     A = layer.lora_A["default"].weight
     assert A.abs().max() <= bound and A.abs().max() > bound / 2
 

@@ -148,7 +148,11 @@ def test_autocast_runs_the_low_rank_path_in_the_autocast_dtype(dtype):
     x = torch.randn(2, 5, 16, requires_grad=True)
     reference = layer(x)
     reference.square().sum().backward()
-    want = [x.grad.clone(), layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone()]
+    want = [
+        x.grad.clone(),
+        layer.lora_A["default"].weight.grad.clone(),
+        layer.lora_B["default"].weight.grad.clone(),
+    ]
     layer.zero_grad()
     x.grad = None
     with torch.autocast("cpu", dtype=dtype):

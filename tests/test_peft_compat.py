@@ -12,20 +12,37 @@ from tests.conftest import LLAMA_PROJECTIONS, tiny_bert_classifier, tiny_gpt2, t
 
 CASES = {
     "llama-7-projections": (tiny_llama, dict(task_type="CAUSAL_LM", target_modules=LLAMA_PROJECTIONS)),
-    "gpt2-conv1d": (tiny_gpt2, dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "c_fc"],
-                                    fan_in_fan_out=True)),
+    "gpt2-conv1d": (
+        tiny_gpt2,
+        dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
     "bert-seq-cls": (tiny_bert_classifier, dict(task_type="SEQ_CLS", target_modules=["query", "value"])),
     "llama-embedding": (tiny_llama, dict(task_type="CAUSAL_LM", target_modules=["embed_tokens", "q_proj"])),
     "llama-dora": (tiny_llama, dict(task_type="CAUSAL_LM", target_modules=LLAMA_PROJECTIONS, use_dora=True)),
-    "gpt2-dora": (tiny_gpt2, dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"],
-                                  fan_in_fan_out=True, use_dora=True)),
-    "llama-embedding-dora": (tiny_llama, dict(task_type="CAUSAL_LM", target_modules=["embed_tokens"],
-                                              use_dora=True)),
-    "llama-rslora-patterns": (tiny_llama, dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
-                                               r=4, lora_alpha=16, use_rslora=True,
-                                               rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 4})),
-    "llama-bias-all": (tiny_llama, dict(task_type="CAUSAL_LM", target_modules=["q_proj"], bias="all",
-                                        modules_to_save=["lm_head"])),
+    "gpt2-dora": (
+        tiny_gpt2,
+        dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_dora=True),
+    ),
+    "llama-embedding-dora": (
+        tiny_llama,
+        dict(task_type="CAUSAL_LM", target_modules=["embed_tokens"], use_dora=True),
+    ),
+    "llama-rslora-patterns": (
+        tiny_llama,
+        dict(
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "v_proj"],
+            r=4,
+            lora_alpha=16,
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"q_proj": 4},
+        ),
+    ),
+    "llama-bias-all": (
+        tiny_llama,
+        dict(task_type="CAUSAL_LM", target_modules=["q_proj"], bias="all", modules_to_save=["lm_head"]),
+    ),
 }
 
 
@@ -77,7 +94,9 @@ def test_lorakit_adapter_loads_in_peft(case, input_ids, tmp_path):
     torch.testing.assert_close(_logits(theirs, input_ids), _logits(ours, input_ids), atol=1e-5, rtol=0)
     # and the file holds exactly the keys PEFT itself would write for this model
     # (PEFT also stores the whole base embedding when an embedding is adapted; lorakit does not need to)
-    expected = {k for k in peft.get_peft_model_state_dict(theirs) if not k.endswith("embed_tokens.base_layer.weight")}
+    expected = {
+        k for k in peft.get_peft_model_state_dict(theirs) if not k.endswith("embed_tokens.base_layer.weight")
+    }
     assert set(load_file(tmp_path / "adapter_model.safetensors").keys()) == expected
 
 
@@ -104,7 +123,9 @@ def test_merge_and_unload_matches_peft(case, input_ids, tmp_path):
     ours = lorakit.PeftModel.from_pretrained(_build(case)[0], tmp_path)
     merged_ours = ours.merge_and_unload()
     merged_theirs = theirs.merge_and_unload()
-    for (name, ours_p), (_, theirs_p) in zip(merged_ours.state_dict().items(), merged_theirs.state_dict().items()):
+    for (name, ours_p), (_, theirs_p) in zip(
+        merged_ours.state_dict().items(), merged_theirs.state_dict().items()
+    ):
         torch.testing.assert_close(ours_p, theirs_p, atol=1e-5, rtol=0, msg=name)
 
 

@@ -15,7 +15,9 @@ from tests.conftest import tiny_llama
 
 @pytest.fixture
 def saved(tmp_path):
-    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path)
     return tmp_path
 
@@ -28,7 +30,9 @@ def test_keys_are_peft_names_without_adapter_name(saved):
 
 def test_shape_mismatch_names_the_key_and_both_shapes(saved):
     bigger = tiny_llama(hidden_size=48)
-    with pytest.raises(ValueError, match=r"Shape mismatch for 'base_model.*lora_A.weight'.*\(8, 32\).*\(8, 48\)"):
+    with pytest.raises(
+        ValueError, match=r"Shape mismatch for 'base_model.*lora_A.weight'.*\(8, 32\).*\(8, 48\)"
+    ):
         PeftModel.from_pretrained(bigger, saved)
 
 
@@ -74,8 +78,10 @@ def test_pickle_is_refused_unless_allowed_and_then_weights_only(saved):
         PeftModel.from_pretrained(tiny_llama(), saved)
     loaded = PeftModel.from_pretrained(tiny_llama(), saved, allow_pickle=True)
     layer = loaded.get_base_model().model.layers[0].self_attn.q_proj
-    assert torch.equal(layer.lora_A["default"].weight, tensors[
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    assert torch.equal(
+        layer.lora_A["default"].weight,
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+    )
 
 
 def test_pickle_with_code_is_refused_even_when_allowed(saved):

@@ -112,8 +112,10 @@ def is_target(name: str, config, output_heads: set[str]) -> bool:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)) or (
-        hasattr(module, "dequantize") and hasattr(module, "in_features")
+    return (
+        isinstance(module, nn.Linear)
+        or (Conv1D is not None and isinstance(module, Conv1D))
+        or (hasattr(module, "dequantize") and hasattr(module, "in_features"))
     )
 
 
@@ -157,7 +159,9 @@ def find_targets(model: nn.Module, config) -> list[str]:
 
 def _inside_wrapper(name: str) -> bool:
     parts = name.split(".")
-    return any(p in ("base_layer", "original_module", "modules_to_save") or p.startswith("lora_") for p in parts)
+    return any(
+        p in ("base_layer", "original_module", "modules_to_save") or p.startswith("lora_") for p in parts
+    )
 
 
 def _check_every_target_exists(model: nn.Module, config) -> None:
@@ -211,8 +215,13 @@ def inject_adapter(model: nn.Module, config, adapter_name: str) -> list[str]:
             setattr(parent, child, wrapped)
             module = wrapped
         module.update_layer(
-            adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-            use_rslora=config.use_rslora, use_dora=config.use_dora,
+            adapter_name,
+            r,
+            alpha,
+            config.lora_dropout,
+            config.init_lora_weights,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
         )
     # Adapted layers found inside others' names (e.g. a ModuleList index) were replaced above.
     return names
@@ -294,8 +303,13 @@ def _merged_base(layer: LoraLayer, safe_merge: bool) -> nn.Module:
             weight = layer.merged_weight(name, weight)
     if safe_merge and not torch.isfinite(weight).all():
         raise ValueError("Merging gives NaN or inf weights; the adapter is broken.")
-    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                       dtype=weight.dtype, device=weight.device)
+    linear = nn.Linear(
+        base.in_features,
+        base.out_features,
+        bias=base.bias is not None,
+        dtype=weight.dtype,
+        device=weight.device,
+    )
     with torch.no_grad():
         linear.weight.copy_(weight)
         if base.bias is not None:

@@ -32,9 +32,14 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but the 
 
 # Names of the sub-modules that hold adapter weights; everything else in a LoraLayer is the frozen base.
 ADAPTER_ATTRIBUTES = (
-    "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
     "lora_E",  # AdaLoRA singular values (lorakit.adalora)
-    "adapter_down", "adapter_up",  # bottleneck Adapter projections (lorakit.adapter)
+    "adapter_down",
+    "adapter_up",  # bottleneck Adapter projections (lorakit.adapter)
 )
 
 
@@ -108,14 +113,22 @@ class LoraLayer(nn.Module):
         return dtype, weight.device
 
     def update_layer(
-        self, name: str, r: int, lora_alpha: float, lora_dropout: float, init: bool | str,
-        use_rslora: bool = False, use_dora: bool = False,
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init: bool | str,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Add adapter ``name`` of rank ``r``; scaling = alpha/r, or alpha/sqrt(r) with rsLoRA."""
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}.")
         if name in self.r:
-            raise ValueError(f"Adapter {name!r} already exists on this layer; delete it first or pick a new name.")
+            raise ValueError(
+                f"Adapter {name!r} already exists on this layer; delete it first or pick a new name."
+            )
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -214,7 +227,9 @@ class LoraLayer(nn.Module):
 
     def _check_mixed_batch(self, x: torch.Tensor) -> None:
         if self.training:
-            raise ValueError("adapter_names (one adapter per batch row) is for inference; call model.eval() first.")
+            raise ValueError(
+                "adapter_names (one adapter per batch row) is for inference; call model.eval() first."
+            )
         if len(self.row_adapters) != x.shape[0]:
             raise ValueError(
                 f"adapter_names has {len(self.row_adapters)} entries but the batch has {x.shape[0]} rows; "
@@ -284,7 +299,9 @@ class Linear(LoraLayer):
                 result = result + update.to(result.dtype)
             else:
                 p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-                result = lora_update_(result, x, lora_A.weight, lora_B.weight, self.scaling[name], p, self.training)
+                result = lora_update_(
+                    result, x, lora_A.weight, lora_B.weight, self.scaling[name], p, self.training
+                )
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -326,8 +343,12 @@ class Embedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
 
     def _create_weights(self, name, r, dtype, device):
-        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features, dtype=dtype, device=device))
-        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r, dtype=dtype, device=device))
+        self.lora_embedding_A[name] = nn.Parameter(
+            torch.randn(r, self.in_features, dtype=dtype, device=device)
+        )
+        self.lora_embedding_B[name] = nn.Parameter(
+            torch.randn(self.out_features, r, dtype=dtype, device=device)
+        )
 
     def _init_weights(self, name, init):
         if init is False:
@@ -348,8 +369,13 @@ class Embedding(LoraLayer):
     def _embed(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         return F.embedding(
-            input_ids, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
-            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+            input_ids,
+            weight,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -373,7 +399,6 @@ class Embedding(LoraLayer):
             else:
                 result = result + update.to(result.dtype)
         return result
-
 
     def _mixed_batch_update(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Per-row adapter: gather each token's row of ``A^T`` from the row's adapter, then one ``bmm`` with B."""
@@ -402,7 +427,9 @@ class Conv2d(LoraLayer):
 
     def __init__(self, base_layer: nn.Conv2d):
         if base_layer.groups != 1:
-            raise ValueError(f"LoRA supports Conv2d with groups=1 only; this layer has groups={base_layer.groups}.")
+            raise ValueError(
+                f"LoRA supports Conv2d with groups=1 only; this layer has groups={base_layer.groups}."
+            )
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.lora_A = nn.ModuleDict()
@@ -416,8 +443,15 @@ class Conv2d(LoraLayer):
     def _create_weights(self, name, r, dtype, device):
         base = self.base_layer
         self.lora_A[name] = nn.Conv2d(
-            self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, dtype=dtype, device=device,
+            self.in_features,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            dtype=dtype,
+            device=device,
         )
         self.lora_B[name] = nn.Conv2d(r, self.out_features, 1, 1, bias=False, dtype=dtype, device=device)
 
@@ -444,7 +478,9 @@ class Conv2d(LoraLayer):
         if self.merged:
             return result
         if self.row_adapters is not None:
-            raise ValueError("Mixed-adapter batches (adapter_names) are supported on Linear and Embedding layers only.")
+            raise ValueError(
+                "Mixed-adapter batches (adapter_names) are supported on Linear and Embedding layers only."
+            )
         for name in self._adapters_to_run():
             x_adapter = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
             update = self.lora_B[name](self.lora_A[name](x_adapter)) * self.scaling[name]
@@ -471,7 +507,9 @@ def make_lora_layer(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
         return Linear(module, fan_in_fan_out=True)
     if isinstance(module, nn.Linear):
         if fan_in_fan_out:
-            warnings.warn("fan_in_fan_out=True but the target is nn.Linear; using fan_in_fan_out=False.", stacklevel=3)
+            warnings.warn(
+                "fan_in_fan_out=True but the target is nn.Linear; using fan_in_fan_out=False.", stacklevel=3
+            )
         return Linear(module, fan_in_fan_out=False)
     if is_quantized_linear(module):
         return Linear(module, fan_in_fan_out=False)

@@ -108,8 +108,13 @@ class _LoraUpdate(torch.autograd.Function):
 
 
 def lora_update_(
-    base_out: torch.Tensor, x: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor,
-    scaling: float, p: float = 0.0, training: bool = False,
+    base_out: torch.Tensor,
+    x: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    scaling: float,
+    p: float = 0.0,
+    training: bool = False,
 ) -> torch.Tensor:
     """``base_out + scaling * (dropout_p(x) @ A^T) @ B^T``, written into ``base_out`` when possible."""
     p = p if training else 0.0
@@ -127,7 +132,9 @@ def lora_update_(
 
 
 def mixed_batch_update(
-    x: torch.Tensor, row_adapters: list[str], weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    x: torch.Tensor,
+    row_adapters: list[str],
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
     out_features: int,
 ) -> torch.Tensor:
     """Each batch row ``i`` gets adapter ``row_adapters[i]`` (rows naming no adapter here get none).

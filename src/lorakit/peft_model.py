@@ -54,7 +54,6 @@ class PeftModel(nn.Module):
         self.base_model = tuner_cls(model, peft_config, adapter_name)
         self.forward = types.MethodType(_forward_with_signature_of(model), self)
 
-
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -139,8 +138,11 @@ class PeftModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------- save / load
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-        is_main_process: bool = True, **_ignored,
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **_ignored,
     ) -> None:
         """Write each adapter's config and weights; ``default`` at the top, others in ``<dir>/<name>/``."""
         if not is_main_process:
@@ -156,7 +158,9 @@ class PeftModel(nn.Module):
             config = self.peft_config[name]
             directory = root if name == "default" else root / name
             tensors = adapter_state_dict(self, name, config.bias)
-            finalize = getattr(self.base_model, "adapter_tensors_for_saving", None)  # AdaLoRA: drop pruned ranks
+            finalize = getattr(
+                self.base_model, "adapter_tensors_for_saving", None
+            )  # AdaLoRA: drop pruned ranks
             if finalize is not None:
                 tensors = finalize(tensors, name)
             save_adapter_weights(tensors, directory)
@@ -168,8 +172,14 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-        is_trainable: bool = False, config: LoraConfig | None = None, allow_pickle: bool = False, **_ignored,
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        allow_pickle: bool = False,
+        **_ignored,
     ) -> PeftModel:
         """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder, or a Hub repo id)."""
         directory = resolve_adapter_dir(model_id)
@@ -180,8 +190,12 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-        allow_pickle: bool = False, **_ignored,
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        **_ignored,
     ) -> None:
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (it does not become active)."""
         directory = resolve_adapter_dir(model_id)
@@ -250,4 +264,3 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_peft_model needs a torch.nn.Module, got {type(model).__name__}.")
     return PeftModel(model, peft_config, adapter_name)
-

@@ -30,12 +30,12 @@ def _saved_key(model_key: str, adapter_name: str) -> str | None:
     parts = model_key.split(".")
     for index, part in enumerate(parts[:-1]):
         if part in ADAPTER_ATTRIBUTES and parts[index + 1] == adapter_name:
-            saved = parts[:index + 1] + parts[index + 2:]
+            saved = parts[: index + 1] + parts[index + 2 :]
             if part == "lora_magnitude_vector" and saved[-1] == "weight":
                 saved = saved[:-1]
             return ".".join(saved)
         if part == "modules_to_save" and parts[index + 1] == adapter_name:
-            return ".".join(parts[:index] + parts[index + 2:])
+            return ".".join(parts[:index] + parts[index + 2 :])
     return None
 
 
@@ -65,7 +65,9 @@ def adapter_key_map(model: torch.nn.Module, adapter_name: str, bias: str = "none
     return mapping
 
 
-def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
+def adapter_state_dict(
+    model: torch.nn.Module, adapter_name: str, bias: str = "none"
+) -> dict[str, torch.Tensor]:
     """The tensors to save for ``adapter_name``, keyed as in PEFT's files."""
     state = model.state_dict()
     return {saved: state[key] for saved, key in adapter_key_map(model, adapter_name, bias).items()}
@@ -119,7 +121,10 @@ def load_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = Fals
 
 
 def load_into_model(
-    model: torch.nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, bias: str = "none",
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    adapter_name: str,
+    bias: str = "none",
     source: str = "the adapter file",
 ) -> None:
     """Copy ``tensors`` (file keys) into adapter ``adapter_name`` of ``model``, strictly."""
