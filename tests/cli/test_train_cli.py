@@ -181,3 +181,14 @@ def test_train_cli_runs_and_resumes(tiny_assets, tmp_path, capsys) -> None:
     assert "continuing from" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2]  # the final evaluation is not repeated
+
+
+def test_merge_of_a_bottleneck_adapter_is_a_clear_error(tiny_assets, tmp_path, capsys) -> None:
+    from lorakit import AdapterConfig
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets["model"])
+    get_peft_model(base, AdapterConfig(bottleneck_size=4)).save_pretrained(tmp_path / "bottleneck")
+    code = main(["merge", "--adapter", str(tmp_path / "bottleneck"), "--out", str(tmp_path / "merged")])
+    assert code == 1
+    assert "cannot be merged into the base weights" in capsys.readouterr().err
+    assert not (tmp_path / "merged" / "model.safetensors").exists()

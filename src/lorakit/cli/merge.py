@@ -42,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, OSError, ModelLoadError) as error:
         print(f"lorakit merge: error: {error}", file=sys.stderr)
         return 1
-    merged = model.merge_and_unload()
+    try:
+        merged = model.merge_and_unload()
+    except ValueError as error:  # e.g. a bottleneck Adapter, which has no weight to merge into
+        print(f"lorakit merge: error: {error}", file=sys.stderr)
+        return 1
     if DTYPES[args.dtype] != torch.float32:
         merged = merged.to(DTYPES[args.dtype])
     if getattr(merged.config, "use_cache", None) is False:

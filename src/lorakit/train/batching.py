@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lorakit.data import model_inputs
+
 IGNORE_INDEX = -100
 
 
@@ -70,7 +72,7 @@ def first_needed_position(labels: torch.Tensor) -> int:
 
 def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``sum_t CE_t`` of a batch, computing logits only from :func:`first_needed_position` on."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = model_inputs(batch)  # packed batches: position ids and no mask, so examples stay apart
     length, start = batch["input_ids"].shape[1], first_needed_position(batch["labels"])
     if start > 0:
         try:

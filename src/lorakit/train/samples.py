@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.data import render_chat
+
 USER_ROLES = {"user", "human"}
 ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "system": "system", "user": "user"}
 
@@ -40,9 +42,7 @@ def render_prompt(tokenizer: Any, prompt: list[dict[str, str]] | str) -> str:
     """Chat messages through the tokenizer's chat template (a plain string as is)."""
     if isinstance(prompt, str):
         return prompt
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant: "
+    return render_chat(tokenizer, prompt, add_generation_prompt=True)  # the same format training used
 
 
 @torch.no_grad()
