@@ -8,17 +8,15 @@ Importing this package registers ``AdaLoraConfig`` with :func:`lorakit.config.lo
 from lorakit.adalora.allocator import RankAllocator
 from lorakit.adalora.config import AdaLoraConfig, adalora_config_for_run
 from lorakit.adalora.layers import AdaLoraLayer, SVDConv2d, SVDLinear
-from lorakit.adalora.train_method import build_adalora_config, register_with_trainer
+from lorakit.adalora.train_method import build_adalora_config
 from lorakit.adalora.tuner import AdaLoraModel
 from lorakit.config import PeftType, register_config_class
 from lorakit.peft_model import register_tuner
 
 register_config_class(AdaLoraConfig)
 register_tuner(PeftType.ADALORA, AdaLoraModel)
-# The trainer registers ``method: ...`` itself (lorakit.train.adapters imports this package).
 
 __all__ = [
-    "register_with_trainer",
     "build_adalora_config",
     "AdaLoraConfig",
     "AdaLoraLayer",

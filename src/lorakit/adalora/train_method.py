@@ -1,4 +1,4 @@
-"""``method: adalora`` for the lorakit trainer (``lorakit.train.adapters.register_method``)."""
+"""``method: adalora`` for the lorakit trainer (listed in ``lorakit.train.adapters.ADAPTER_METHODS``)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,3 @@ def build_adalora_config(config: Any, target_modules: list[str] | str, total_ste
         task_type="CAUSAL_LM",
         modules_to_save=config.modules_to_save,
     )
-
-
-def register_with_trainer() -> None:
-    """Make ``method: adalora`` available to the trainer (when this build has one)."""
-    try:
-        from lorakit.train.adapters import register_method
-    except ModuleNotFoundError as error:
-        if error.name and error.name.startswith("lorakit.train"):
-            return
-        raise
-    register_method("adalora", build_adalora_config)

@@ -7,17 +7,15 @@ method) and cannot be merged (:class:`AdapterMergeError`).
 
 from lorakit.adapter.config import AdapterConfig
 from lorakit.adapter.layers import AdapterLayer
-from lorakit.adapter.train_method import build_adapter_config, register_with_trainer
+from lorakit.adapter.train_method import build_adapter_config
 from lorakit.adapter.tuner import HOULSBY_TARGETS, AdapterMergeError, AdapterModel, default_targets
 from lorakit.config import PeftType, register_config_class
 from lorakit.peft_model import register_tuner
 
 register_config_class(AdapterConfig)
 register_tuner(PeftType.ADAPTER, AdapterModel)
-# The trainer registers ``method: ...`` itself (lorakit.train.adapters imports this package).
 
 __all__ = [
-    "register_with_trainer",
     "build_adapter_config",
     "HOULSBY_TARGETS",
     "AdapterConfig",

@@ -1,4 +1,4 @@
-"""``method: adapter`` for the lorakit trainer (``lorakit.train.adapters.register_method``)."""
+"""``method: adapter`` for the lorakit trainer (listed in ``lorakit.train.adapters.ADAPTER_METHODS``)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,3 @@ def build_adapter_config(config: Any, target_modules: list[str] | str, total_ste
         adapter_dropout=config.lora_dropout,
         modules_to_save=config.modules_to_save,
     )
-
-
-def register_with_trainer() -> None:
-    """Make ``method: adapter`` available to the trainer (when this build has one)."""
-    try:
-        from lorakit.train.adapters import register_method
-    except ModuleNotFoundError as error:
-        if error.name and error.name.startswith("lorakit.train"):
-            return
-        raise
-    register_method("adapter", build_adapter_config)

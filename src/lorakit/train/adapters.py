@@ -1,9 +1,9 @@
 """The one place that turns ``TrainConfig.method`` into a PEFT-style adapter config.
 
-Each method has a builder ``(config, target_modules, total_steps) -> adapter config`` registered in
+Each method has a builder ``(config, target_modules, total_steps) -> adapter config`` listed in
 :data:`ADAPTER_METHODS`; :func:`attach_adapter` calls ``lorakit.get_peft_model`` with its result.
-``lora`` and ``dora`` are built in; ``adalora`` (needs ``total_steps`` for its rank budget schedule)
-and ``adapter`` plug in with :func:`register_method` from their own modules.
+``adalora`` needs ``total_steps`` for its rank budget schedule; its builder and the bottleneck ``adapter``'s
+live in their own packages.
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, TaskType, get_peft_model
+from lorakit.adalora.train_method import build_adalora_config
+from lorakit.adapter.train_method import build_adapter_config as build_bottleneck_config
 from lorakit.train.config import ConfigError, TrainConfig
 
 AdapterBuilder = Callable[[TrainConfig, Any, int], Any]
-ADAPTER_METHODS: dict[str, AdapterBuilder] = {}
-
-
-def register_method(name: str, builder: AdapterBuilder) -> None:
-    """Make ``method: <name>`` build its adapter config with ``builder``."""
-    ADAPTER_METHODS[name] = builder
 
 
 def _lora_config(config: TrainConfig, target_modules: Any, total_steps: int) -> LoraConfig:
@@ -39,30 +35,17 @@ def _lora_config(config: TrainConfig, target_modules: Any, total_steps: int) -> 
     )
 
 
-register_method("lora", _lora_config)
-register_method("dora", _lora_config)
-
-
-def _import_plugins() -> None:
-    """Let optional method packages register their builders (they may not exist in this build)."""
-    import importlib
-
-    for name in ("lorakit.adalora", "lorakit.adapter"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        register = getattr(module, "register_with_trainer", None)
-        if register is not None:
-            register()
+# method name -> builder ``(config, target_modules, total_steps) -> adapter config``; add new methods here.
+ADAPTER_METHODS: dict[str, AdapterBuilder] = {
+    "lora": _lora_config,
+    "dora": _lora_config,
+    "adalora": build_adalora_config,
+    "adapter": build_bottleneck_config,
+}
 
 
 def build_adapter_config(config: TrainConfig, total_steps: int) -> Any:
     """The PEFT-style config for ``config.method`` (target_modules empty = 'all-linear')."""
-    if config.method not in ADAPTER_METHODS:
-        _import_plugins()
     builder = ADAPTER_METHODS.get(config.method)
     if builder is None:
         available = ", ".join(sorted(ADAPTER_METHODS))
