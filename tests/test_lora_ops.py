@@ -9,7 +9,7 @@ from torch import nn
 
 import lorakit
 from lorakit.layers import Linear
-from lorakit.lora_ops import lora_update_, shared_dropout_scope
+from lorakit.lora_ops import _draw_keep_mask, effective_dropout, lora_update_, shared_dropout_scope
 from tests.conftest import LLAMA_PROJECTIONS, tiny_llama
 
 
@@ -37,12 +37,29 @@ def test_update_and_its_gradients_equal_the_formula(p):
     torch.manual_seed(42)  # the same draw as inside lora_update_
     mask = None
     if p > 0:
-        mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p) / (1 - p)
+        mask = _draw_keep_mask(x.shape, effective_dropout(p), x.device) / (1 - effective_dropout(p))
         assert 0.15 < (mask == 0).float().mean() < 0.45  # about p of the inputs dropped
     ref = _reference(x @ W.T, x, A, B, 1.5, mask)
     (ref * upstream).sum().backward()
     for got, want in zip(fused, [ref.detach(), x.grad, A.grad, B.grad]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_mask_is_bernoulli_with_the_requested_rate(p):
+    torch.manual_seed(0)
+    count = 1_000_003  # not a multiple of 4: the tail of the last random word is cut off
+    mask = _draw_keep_mask(torch.Size((count,)), effective_dropout(p), torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (count,)
+    assert abs(effective_dropout(p) - p) <= 0.5 / 65536
+    sigma = (p * (1 - p) / count) ** 0.5
+    assert abs((~mask).float().mean().item() - p) < 5 * sigma
+    # neighbouring elements (bits of the same random word) are independent
+    pairs = mask[: count - 1 : 2] & mask[1::2]
+    assert abs(pairs.float().mean().item() - (1 - p) ** 2) < 5 * (p * (2 - p) / (count / 2)) ** 0.5
+    torch.manual_seed(0)
+    again = _draw_keep_mask(torch.Size((count,)), effective_dropout(p), torch.device("cpu"))
+    assert torch.equal(mask, again)  # seeded by the global generator: runs are reproducible
 
 
 def test_dropped_input_is_not_stored_for_backward():

@@ -4,6 +4,7 @@ from lorakit.adalora import AdaLoraConfig
 from lorakit.adapter import AdapterConfig
 from lorakit.config import LoraConfig, PeftType, TaskType
 from lorakit.lowrank import factorize
+from lorakit.models import load_model, load_tokenizer
 from lorakit.peft_model import PeftModel, get_peft_model
 from lorakit.quant import quantize_model
 
@@ -18,6 +19,8 @@ __all__ = [
     "TaskType",
     "factorize",
     "get_peft_model",
+    "load_model",
+    "load_tokenizer",
     "quantize_model",
     "__version__",
 ]
