@@ -258,22 +258,6 @@ def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]
             yield name, module
 
 
-def mark_trainable(model: nn.Module, active: list[str], bias: str) -> None:
-    """Freeze everything, then let only the active adapters (and the biases ``bias`` asks for) train."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        layer.set_adapter(active)
-        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-            layer.base_layer.bias.requires_grad_(True)
-    if bias == "all":
-        for name, param in model.named_parameters():
-            if name.endswith("bias") and "lora_" not in name and ".original_module." not in name:
-                param.requires_grad_(True)
-    for _, wrapper in save_wrappers(model):
-        wrapper.set_adapter(active)
-
-
 def replace_with_base(model: nn.Module, merge: bool, safe_merge: bool = False) -> nn.Module:
     """Remove every wrapper: LoRA layers become their base (merged or not); save-wrappers their trained copy."""
     for name, layer in list(lora_layers(model)):

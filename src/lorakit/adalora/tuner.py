@@ -48,7 +48,6 @@ class AdaLoraModel(LoraModel):
                 f"add {adapter_name!r} with inference_mode=True."
             )
         config = with_task_heads(config)
-        self._check_compatible(config)
         _check_target_types(self.model, config)
         layers = inject_svd_adapter(self.model, config, adapter_name)
         inject_modules_to_save(self.model, config.modules_to_save, adapter_name)

@@ -7,7 +7,6 @@ layer output, not a weight delta, so there is nothing to fold into the base weig
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from lorakit.inject import (
     save_wrappers,
 )
 from lorakit.layers import LoraLayer
-from lorakit.tuner import with_task_heads
+from lorakit.tuner import BaseTuner, with_task_heads
 
 # Houlsby et al. 2019 (fig. 2): one adapter after the attention output projection, one after the feed-forward.
 HOULSBY_TARGETS: dict[str, list[str]] = {
@@ -54,41 +53,15 @@ MERGE_MESSAGE = (
 )
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(BaseTuner):
     """A model with bottleneck Adapters; ``forward`` is the wrapped model's ``forward``."""
 
     prefix = "adapter_"
-
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"):
-        super().__init__()
-        self.model = model
-        self.peft_config: dict[str, AdapterConfig] = {}
-        self.active_adapter: str | list[str] = adapter_name
-        self.add_adapter(adapter_name, config)
-
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        if adapter_names is not None:
-            self.mixed_batch(adapter_names)
-        return self.model(*args, **kwargs)
 
     def mixed_batch(self, adapter_names: list[str]):
         raise ValueError(
             "Mixed-adapter batches (adapter_names) are supported for LoRA adapters only, not Adapters."
         )
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
-    # --------------------------------------------------------------------------------------------- adapters
-    @property
-    def active_adapters(self) -> list[str]:
-        active = self.active_adapter
-        return [active] if isinstance(active, str) else list(active)
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         for name, module in self.model.named_modules():
@@ -101,8 +74,7 @@ class AdapterModel(nn.Module):
             raise ValueError(
                 "All adapters on one model must be of the same method (here the bottleneck Adapter)."
             )
-        if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
+        self._check_new_adapter(adapter_name, config)
         config = copy.copy(with_task_heads(config))
         if config.target_modules is None:
             config.target_modules = default_targets(self.model)  # recorded in the saved config
@@ -122,56 +94,6 @@ class AdapterModel(nn.Module):
         inject_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
-
-    def _refresh_trainable(self) -> None:
-        configs = [self.peft_config[a] for a in self.active_adapters if a in self.peft_config]
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        for _, layer in self.adapter_layers():
-            layer.set_adapter(self.active_adapters)
-        if configs and configs[0].bias == "all":
-            for name, param in self.model.named_parameters():
-                if name.endswith("bias") and ".adapter_" not in name and ".original_module." not in name:
-                    param.requires_grad_(True)
-        for _, wrapper in save_wrappers(self.model):
-            wrapper.set_adapter(self.active_adapters)
-        if any(c.inference_mode for c in configs):
-            for param in self.model.parameters():
-                param.requires_grad_(False)
-
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several whose updates add up; only active adapters train."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"Unknown adapter(s) {unknown}; existing: {list(self.peft_config)}.")
-        self.active_adapter = adapter_name
-        self._refresh_trainable()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"Unknown adapter {adapter_name!r}; existing: {list(self.peft_config)}.")
-        for _, layer in self.adapter_layers():
-            layer.delete_adapter(adapter_name)
-        for _, wrapper in save_wrappers(self.model):
-            wrapper.delete_adapter(adapter_name)
-        del self.peft_config[adapter_name]
-        remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
-        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
-        if self.peft_config:
-            self.set_adapter(self.active_adapter)
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the ``with`` block."""
-        wrappers = [m for _, m in self.adapter_layers()] + [m for _, m in save_wrappers(self.model)]
-        for module in wrappers:
-            module.disable_adapters = True
-        try:
-            yield
-        finally:
-            for module in wrappers:
-                module.disable_adapters = False
 
     # ---------------------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
