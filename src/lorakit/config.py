@@ -84,8 +84,78 @@ _PEFT_KEYS_AT_DEFAULT: dict[str, Any] = {
 _PEFT_KEYS_IGNORED = {"peft_version", "auto_mapping", "revision", "megatron_core", "runtime_config"}
 
 
+class ConfigFile:
+    """``adapter_config.json`` for a config dataclass with a ``peft_type`` field: PEFT's keys and layout."""
+
+    # ----------------------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["peft_type"] = self.peft_type.value
+        data["task_type"] = self.task_type.value if self.task_type is not None else None
+        return data
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` atomically (temporary file, then rename)."""
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Build a config from PEFT-style JSON: unknown keys warn and are ignored, unsupported features refuse."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", cls.peft_type_name())
+        if peft_type != cls.peft_type_name():
+            raise ValueError(
+                f"This adapter is of type {peft_type!r}, not {cls.peft_type_name()!r}; "
+                f"load it with the matching config class."
+            )
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_KEYS_IGNORED:
+                continue
+            elif key in _PEFT_KEYS_AT_DEFAULT:
+                if value not in (_PEFT_KEYS_AT_DEFAULT[key], None, False, {}, []):
+                    raise ValueError(
+                        f"adapter_config.json sets {key}={value!r}, a PEFT feature lorakit does not support; "
+                        f"only the default ({_PEFT_KEYS_AT_DEFAULT[key]!r}) can be loaded."
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown adapter_config.json keys {sorted(unknown)} (written by a newer library?).",
+                stacklevel=2,
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def peft_type_name(cls) -> str:
+        return cls.__dataclass_fields__["peft_type"].default.value
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike):
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {directory}: is this an adapter folder written by save_pretrained?"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt.") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+        return cls.from_dict(data)
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(ConfigFile):
     """Configuration of a LoRA adapter (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
 
     A wrapped layer computes ``h = W0 x + scaling * B A dropout(x)`` with ``A`` (r x in), ``B`` (out x r) and
@@ -171,72 +241,6 @@ class LoraConfig:
     def scaling_for(self, rank: int, alpha: float) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-    # ----------------------------------------------------------------------------------------- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["peft_type"] = self.peft_type.value
-        data["task_type"] = self.task_type.value if self.task_type is not None else None
-        return data
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` atomically (temporary file, then rename)."""
-        path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """Build a config from PEFT-style JSON: unknown keys warn and are ignored, unsupported features refuse."""
-        data = dict(data)
-        peft_type = data.pop("peft_type", cls.peft_type_name())
-        if peft_type != cls.peft_type_name():
-            raise ValueError(
-                f"This adapter is of type {peft_type!r}, not {cls.peft_type_name()!r}; "
-                f"load it with the matching config class."
-            )
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        kwargs, unknown = {}, []
-        for key, value in data.items():
-            if key in known:
-                kwargs[key] = value
-            elif key in _PEFT_KEYS_IGNORED:
-                continue
-            elif key in _PEFT_KEYS_AT_DEFAULT:
-                if value not in (_PEFT_KEYS_AT_DEFAULT[key], None, False, {}, []):
-                    raise ValueError(
-                        f"adapter_config.json sets {key}={value!r}, a PEFT feature lorakit does not support; "
-                        f"only the default ({_PEFT_KEYS_AT_DEFAULT[key]!r}) can be loaded."
-                    )
-            else:
-                unknown.append(key)
-        if unknown:
-            warnings.warn(
-                f"Ignoring unknown adapter_config.json keys {sorted(unknown)} (written by a newer library?).",
-                stacklevel=2,
-            )
-        return cls(**kwargs)
-
-    @classmethod
-    def peft_type_name(cls) -> str:
-        return cls.__dataclass_fields__["peft_type"].default.value
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> LoraConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No {CONFIG_NAME} in {directory}: is this an adapter folder written by save_pretrained?"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt.") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
-        return cls.from_dict(data)
 
 
 def load_config(directory: str | os.PathLike) -> LoraConfig:

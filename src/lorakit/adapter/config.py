@@ -7,22 +7,16 @@ folder, and lorakit reads it with :func:`lorakit.config.load_config`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from lorakit.config import CONFIG_NAME, PeftType, TaskType
+from lorakit.config import ConfigFile, PeftType, TaskType
 
 NON_LINEARITIES = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
 INITS = ("zero_up", "houlsby", "random")
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(ConfigFile):
     """Configuration of a bottleneck Adapter (Houlsby et al. 2019, https://arxiv.org/abs/1902.00751, sec. 2.1).
 
     After each target module ``f`` the adapter maps the output ``h = f(x)`` (size d) to
@@ -98,48 +92,3 @@ class AdapterConfig:
             raise ValueError(f"bias must be 'none' or 'all' for the bottleneck Adapter, got {self.bias!r}.")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern only makes sense together with layers_to_transform.")
-
-    # ----------------------------------------------------------------------------------------- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["peft_type"] = self.peft_type.value
-        data["task_type"] = self.task_type.value if self.task_type is not None else None
-        return data
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` atomically (temporary file, then rename)."""
-        path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def peft_type_name(cls) -> str:
-        return PeftType.ADAPTER.value
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        """Build a config from its JSON form; unknown keys warn and are ignored."""
-        data = dict(data)
-        peft_type = data.pop("peft_type", cls.peft_type_name())
-        if peft_type != cls.peft_type_name():
-            raise ValueError(f"This adapter is of type {peft_type!r}, not {cls.peft_type_name()!r}.")
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - known - {"peft_version"})
-        if unknown:
-            warnings.warn(f"Ignoring unknown adapter_config.json keys {unknown}.", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> AdapterConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: is this an adapter folder?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt.") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
-        return cls.from_dict(data)
