@@ -242,16 +242,20 @@ class LoraLayer(nn.Module):
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear, a 4-bit Linear or a GPT-2 ``Conv1D`` (whose weight is stored (in, out))."""
+    if Conv1D is not None and isinstance(layer, Conv1D):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
+
+
 class Linear(LoraLayer):
     """LoRA over ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored (in, out): ``fan_in_fan_out``) or a 4-bit Linear."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        if Conv1D is not None and isinstance(base_layer, Conv1D):
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers import Conv1D, LoraLayer, is_quantized_linear
+from lorakit.layers import Conv1D, LoraLayer, is_quantized_linear, linear_features
 
 RANKNUM_EPS = 1e-5
 
@@ -115,10 +115,7 @@ class SVDLinear(AdaLoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        if Conv1D is not None and isinstance(base_layer, Conv1D):
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = self.svd_product(name)
