@@ -222,6 +222,21 @@ class LoraLayer(nn.Module):
                 restored = weight.data.float() - delta
             weight.data.copy_(restored.to(weight.dtype))
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output, plus the active adapters' updates unless disabled or already merged."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        return self._add_adapters(x, result)
+
+    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` (the base output for input ``x``) plus the updates of the active adapters."""
+        raise NotImplementedError
+
     def _adapters_to_run(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.r]
 
@@ -283,14 +298,7 @@ class Linear(LoraLayer):
     def _from_rows(self, rows, like):
         return rows.T if self.fan_in_fan_out else rows
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
+    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.row_adapters is not None:
             return self._mixed_batch_forward(x, result)
         for name in self._adapters_to_run():
@@ -382,14 +390,7 @@ class Embedding(LoraLayer):
             sparse=base.sparse,
         )
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
+    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.row_adapters is not None:
             return result + self._mixed_batch_update(x).to(result.dtype)
         for name in self._adapters_to_run():
@@ -473,14 +474,7 @@ class Conv2d(LoraLayer):
     def _from_rows(self, rows, like):
         return rows.reshape(like.shape)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
+    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.row_adapters is not None:
             raise ValueError(
                 "Mixed-adapter batches (adapter_names) are supported on Linear and Embedding layers only."

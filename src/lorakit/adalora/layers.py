@@ -124,14 +124,7 @@ class SVDLinear(AdaLoraLayer):
     def _to_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
+    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         self._refuse_mixed_batch()
         for name in self._adapters_to_run():
             lora_A, lora_E, lora_B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
@@ -165,14 +158,7 @@ class SVDConv2d(AdaLoraLayer):
     def _from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return rows.reshape(like.shape)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
+    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         self._refuse_mixed_batch()
         base = self.base_layer
         for name in self._adapters_to_run():
