@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from tests.conftest import tiny_llama  # noqa: F401 - re-exported for the inspect tests
 
 PREFIX = "base_model.model."
 
@@ -26,23 +27,6 @@ def write_adapter(folder: Path, config: dict, tensors: dict[str, np.ndarray]) ->
 
 def lora_pair(module: str, B: np.ndarray, A: np.ndarray) -> dict[str, np.ndarray]:
     return {f"{module}.lora_A.weight": A, f"{module}.lora_B.weight": B}
-
-
-def tiny_llama(seed: int = 0):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def save_peft_adapter(folder: Path, model, peft_config, seed: int = 0):

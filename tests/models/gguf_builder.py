@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from tests.conftest import tiny_llama as conftest_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,24 +46,15 @@ def vocabulary() -> list[str]:
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    """The shared tiny Llama, with this tokenizer's vocabulary and GGUF-friendly settings."""
+    return conftest_tiny_llama(
+        seed,
         vocab_size=len(vocabulary()),
-        max_position_embeddings=64,
         tie_word_embeddings=True,
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
-        pad_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def _rotary_permute(weight: np.ndarray, heads: int) -> np.ndarray:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from tests.conftest import tiny_llama as conftest_tiny_llama  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = (
@@ -35,20 +36,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    """The shared tiny Llama, with longer positions and the character tokenizer's special ids."""
+    return conftest_tiny_llama(
+        seed,
         vocab_size=vocab_size,
         max_position_embeddings=256,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def save_tiny_model(folder: Path, seed: int = 0) -> Path:
