@@ -40,6 +40,7 @@ RUN_ORDER = [
     "peft_unmerged",
     "lorakit_merged",
     "peft_merged",
+    "base_mixed",
     "lorakit_mixed",
     "peft_mixed",
 ]
@@ -58,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    parser.add_argument(
+        "--interleaved-rounds",
+        type=int,
+        default=0,
+        help="after the repeats, time the inference and mixed-batch modes side by side in one process for "
+        "this many alternating rounds (0: skip); gives per-round time ratios",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
@@ -162,6 +170,8 @@ def log(message: str) -> None:
 def describe_record(record: dict) -> str:
     if record.get("error"):
         return f"ERROR {record['error'][:200]}"
+    if "paired_ratios" in record:
+        return json.dumps({k: round(v, 4) for k, v in record["paired_ratios"].items()})
     if "median_s" in record:
         return f"{record['median_s']:.4f} s/step (min {record['min_s']:.4f}), step peak {record['step_mem_mb']:.0f} MiB"
     return json.dumps({k: v for k, v in record.items() if "diff" in k or k.endswith("error")})
@@ -185,6 +195,13 @@ def run_config(args: argparse.Namespace, config: str, modes: list[str]) -> list[
             check = run_worker(args, "mixed_check", config, adapter_dir)
             records.append(check)
             log(f"[{config}] mixed_check: {describe_record(check)}")
+        if args.interleaved_rounds > 0:
+            rounds = argparse.Namespace(**{**vars(args), "steps": args.interleaved_rounds})
+            if not needs_adapters:  # the mixed-batch modes need the adapters
+                records.append(run_worker(args, "prepare_adapters", config, adapter_dir))
+            interleaved = run_worker(rounds, "interleaved", config, adapter_dir)
+            records.append(interleaved)
+            log(f"[{config}] interleaved: {describe_record(interleaved)}")
     return records
 
 

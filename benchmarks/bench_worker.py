@@ -10,7 +10,12 @@ Modes (the parent runs each in its own process so that its peak memory is its ow
   ``lorakit_merged`` / ``peft_merged`` (``merge_adapter()``: the LoRA wrappers stay, the update is in the weight);
 * mixed-adapter batches (8 rows over 4 adapters, ``model(input_ids, adapter_names=[...])``): ``lorakit_mixed`` /
   ``peft_mixed``; ``mixed_check`` compares the two outputs and each against a per-adapter reference;
-* ``prepare_adapters`` writes the four mixed-batch adapters (created by PEFT) into ``--adapter-dir``.
+  ``base_mixed`` is the base model alone on the same 8 rows: no mixed batch can be much faster than it;
+* ``prepare_adapters`` writes the four mixed-batch adapters (created by PEFT) into ``--adapter-dir``;
+* ``interleaved``: the inference modes (``INTERLEAVED_MODES``) built side by side in one process and timed in
+  alternating rounds (order reversed every other round). Memory is not measured there; the point is time
+  ratios taken seconds apart in the same process, with ratios per round, which fresh processes on a
+  noisy machine resolve only to several percent.
 
 Time: wall clock per step (``perf_counter``, CUDA synchronised), median and min over the timed steps.
 Memory: peak above the resident baseline taken after the model is built. On the CPU the kernel's resident
@@ -46,8 +51,16 @@ INFERENCE_MODES = {
     "lorakit_merged": "lorakit",
     "peft_merged": "peft",
 }
-MIXED_MODES = {"lorakit_mixed": "lorakit", "peft_mixed": "peft"}
-SPECIAL_MODES = ("mixed_check", "prepare_adapters")
+MIXED_MODES = {"base_mixed": None, "lorakit_mixed": "lorakit", "peft_mixed": "peft"}
+SPECIAL_MODES = ("mixed_check", "prepare_adapters", "interleaved")
+INTERLEAVED_MODES = (
+    "base",
+    "lorakit_unmerged",
+    "peft_unmerged",
+    "base_mixed",
+    "lorakit_mixed",
+    "peft_mixed",
+)
 ALL_MODES = [*TRAIN_MODES, *INFERENCE_MODES, *MIXED_MODES, *SPECIAL_MODES]
 
 
@@ -167,17 +180,30 @@ def setup_inference(mode: str, config, args) -> tuple[Callable[[], object], dict
 
 def setup_mixed(mode: str, config, args) -> tuple[Callable[[], object], dict]:
     library = MIXED_MODES[mode]
-    _need_adapter_dir(args)
     base = bm.build_base_model(config, args.seed, bm.DTYPES[args.dtype], args.device)
-    model = bm.load_mixed_adapters(library, base, args.adapter_dir)
     batch = bm.token_batch(config, bm.MIXED_ROWS, args.seed, args.device)
+    facts = {
+        "library": library or "base",
+        "rows": bm.MIXED_ROWS,
+        "tokens_per_step": bm.MIXED_ROWS * config.seq,
+    }
+    if library is None:  # the base model alone on the same rows
+        base.eval()
+
+        def base_step():
+            with torch.inference_mode():
+                return base(input_ids=batch).logits
+
+        return base_step, facts
+    _need_adapter_dir(args)
+    model = bm.load_mixed_adapters(library, base, args.adapter_dir)
     names = bm.mixed_adapter_names()
 
     def step():
         with torch.inference_mode():
             return model(input_ids=batch, adapter_names=names).logits
 
-    return step, {"library": library, "rows": bm.MIXED_ROWS, "tokens_per_step": bm.MIXED_ROWS * config.seq}
+    return step, facts
 
 
 SETUPS = {
@@ -235,6 +261,49 @@ def run_mixed_check(config, args) -> dict:
     return result
 
 
+def run_interleaved(config, args) -> dict:
+    """Time ``INTERLEAVED_MODES`` in one process: ``args.steps`` rounds, each mode once per round.
+
+    Returns per-mode step times plus, for each ratio the targets use, the median over rounds of the
+    per-round ratio (numerator and denominator timed seconds apart).
+    """
+    modes = [m for m in INTERLEAVED_MODES if "mixed" not in m or args.adapter_dir]
+    steps = {}
+    for mode in modes:
+        steps[mode], _ = SETUPS[mode](mode, config, args)
+        for _ in range(max(args.warmup, 1)):
+            steps[mode]()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for round_index in range(args.steps):
+        for mode in modes if round_index % 2 == 0 else modes[::-1]:
+            sync()
+            start = time.perf_counter()
+            steps[mode]()
+            sync()
+            times[mode].append(time.perf_counter() - start)
+    pairs = {
+        "lorakit_unmerged/base": ("lorakit_unmerged", "base"),
+        "peft_unmerged/base": ("peft_unmerged", "base"),
+        "peft_mixed/lorakit_mixed": ("peft_mixed", "lorakit_mixed"),
+        "peft_mixed/base_mixed": ("peft_mixed", "base_mixed"),
+        "lorakit_mixed/base_mixed": ("lorakit_mixed", "base_mixed"),
+    }
+    ratios = {
+        name: statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+        for name, (num, den) in pairs.items()
+        if num in times and den in times
+    }
+    return {
+        "modes": modes,
+        "rounds": args.steps,
+        "times_s": times,
+        "median_s": {m: statistics.median(t) for m, t in times.items()},
+        "min_s": {m: min(t) for m, t in times.items()},
+        "paired_ratios": ratios,
+    }
+
+
 def run_mode(mode: str, args) -> dict:
     """Measure ``mode``; returns the JSON-able record (``error`` set instead of raising)."""
     config = bm.get_config(args.config)
@@ -257,6 +326,8 @@ def run_mode(mode: str, args) -> dict:
             record["adapters"] = bm.write_mixed_adapters(config, args.seed, args.adapter_dir)
         elif mode == "mixed_check":
             record.update(run_mixed_check(config, args))
+        elif mode == "interleaved":
+            record.update(run_interleaved(config, args))
         else:
             record.update(_measure(mode, config, args))
     except Exception as error:  # noqa: BLE001 - reported to the parent in the JSON line

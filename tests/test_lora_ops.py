@@ -181,3 +181,32 @@ def test_autocast_runs_the_low_rank_path_in_the_autocast_dtype(dtype):
     torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.03)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0.2, rtol=0.05)
+
+
+def test_mixed_batch_sees_weight_changes_after_a_cached_call(tmp_path):
+    """The stacked adapters are cached between calls; an in-place weight change must invalidate them."""
+    ours, _ = _llama_with_adapters(tmp_path, n_adapters=2)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    rows = ["a0", "a1"]
+    with torch.inference_mode():
+        before = ours(input_ids=ids, adapter_names=rows).logits.clone()
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["a1"].weight.mul_(3.0)
+        after = ours(input_ids=ids, adapter_names=rows).logits
+        ours.set_adapter("a1")
+        expected = ours(input_ids=ids[1:]).logits
+    assert (after[1] - before[1]).abs().max() > 1e-3  # the change is visible ...
+    torch.testing.assert_close(after[1:], expected, atol=1e-5, rtol=0)  # ... and exactly the new adapter's
+    torch.testing.assert_close(after[:1], before[:1], atol=1e-5, rtol=0)  # row 0 (a0) is untouched
+
+
+def test_mixed_batch_with_grad_enabled_back_propagates_to_each_rows_adapter(tmp_path):
+    ours, _ = _llama_with_adapters(tmp_path, n_adapters=3)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    for name, param in ours.named_parameters():
+        param.requires_grad_(".a0." in name or ".a2." in name or name.endswith((".a0", ".a2")))
+    ours(input_ids=ids, adapter_names=["a2", "__base__"]).logits.sum().backward()
+    q_proj = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_A["a2"].weight.grad.abs().sum() > 0  # row 0 used a2
+    assert q_proj.lora_A["a0"].weight.grad is None  # no row used a0: not in the graph at all

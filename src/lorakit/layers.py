@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora_ops import lora_update_, mixed_batch_update
+from lorakit.lora_ops import lora_update_, mixed_batch_update_, stack_adapters
 
 try:  # GPT-2 style layer that stores its weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -68,7 +68,7 @@ class LoraLayer(nn.Module):
         self.disable_adapters = False
         self._dora_merge_factor: dict[str, torch.Tensor] = {}
         # Set for the duration of one forward by PeftModel(..., adapter_names=[...]): the adapter of each row.
-        self.row_adapters: list[str] | None = None
+        self.row_adapters: tuple[str, ...] | None = None
 
     # ----------------------------------------------------------------------------------- subclass interface
     def _create_weights(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -319,11 +319,34 @@ class Linear(LoraLayer):
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         self._check_mixed_batch(x)
         wanted = set(self.row_adapters)
-        weights = {
-            n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in self.r if n in wanted
-        }
-        update = mixed_batch_update(x, self.row_adapters, weights, self.out_features)
-        return result + update.to(result.dtype)
+        names = sorted(n for n in self.r if n in wanted)
+        if not names:
+            return result
+        weights = {n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names}
+        stacked = self._stacked_adapters(names, weights)
+        return mixed_batch_update_(result, x, self.row_adapters, names, stacked)
+
+    def _stacked_adapters(self, names, weights):
+        """:func:`stack_adapters`, rebuilt only when the adapters, their weights or the scalings change.
+
+        The key holds each weight's storage address and version counter, so an optimizer step, a
+        ``load_state_dict`` or a move to another device all invalidate it. Only kept without autograd (a
+        stack built with grad enabled belongs to that one graph).
+        """
+        if torch.is_grad_enabled():
+            return stack_adapters(weights, names)
+        try:
+            key = (torch.is_inference_mode_enabled(),) + tuple(
+                (n, w.data_ptr(), w._version, B.data_ptr(), B._version, s) for n, (w, B, s) in weights.items()
+            )
+        except RuntimeError:  # inference tensors (weights created under inference_mode) have no version
+            return stack_adapters(weights, names)
+        cached = getattr(self, "_mixed_stack_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        stacked = stack_adapters(weights, names)
+        self._mixed_stack_cache = (key, stacked)
+        return stacked
 
     def _dora_update(self, name: str, x: torch.Tensor, base_result: torch.Tensor | None) -> torch.Tensor:
         """``(m/n - 1) W0 x + (m/n) s B A x`` with ``n`` the detached row norm of ``W0 + s BA``."""

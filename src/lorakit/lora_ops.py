@@ -146,34 +146,47 @@ def lora_update_(
     return base_out
 
 
-def mixed_batch_update(
-    x: torch.Tensor,
-    row_adapters: list[str],
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-    out_features: int,
-) -> torch.Tensor:
-    """Each batch row ``i`` gets adapter ``row_adapters[i]`` (rows naming no adapter here get none).
+def stack_adapters(
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]], names: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapters' ``A`` (padded to the largest rank) and ``s B`` stacked, plus a zero last slot ("no adapter").
 
-    Gathered batched product: the adapters' ``A`` (padded to the largest rank) and ``s B`` are stacked, indexed
-    per row, and applied with two ``bmm`` calls: ``u_i = (x_i A_{a(i)}^T) (s B_{a(i)})^T``.
+    Returns ``stacked_A`` (n + 1, r_max, in) and ``stacked_B`` (n + 1, out, r_max); zero padding leaves every
+    product unchanged: ``x A_pad^T (s B_pad)^T = s x A^T B^T``.
     """
-    names = sorted({n for n in row_adapters if n in weights})
-    batch = x.shape[0]
-    x3 = x.reshape(batch, -1, x.shape[-1])
-    dtype = next(iter(weights.values()))[0].dtype if weights else x.dtype
-    if not names:
-        return torch.zeros(*x.shape[:-1], out_features, dtype=dtype, device=x.device)
+    weight_A, weight_B, _ = weights[names[0]]
     max_r = max(weights[n][0].shape[0] for n in names)
-    in_features = x.shape[-1]
-    stacked_A = x.new_zeros((len(names) + 1, max_r, in_features), dtype=dtype)  # last slot: no adapter
-    stacked_B = x.new_zeros((len(names) + 1, out_features, max_r), dtype=dtype)
+    stacked_A = weight_A.new_zeros((len(names) + 1, max_r, weight_A.shape[1]))
+    stacked_B = weight_B.new_zeros((len(names) + 1, weight_B.shape[0], max_r))
     for slot, name in enumerate(names):
         weight_A, weight_B, scaling = weights[name]
         rank = weight_A.shape[0]
         stacked_A[slot, :rank] = weight_A
         stacked_B[slot, :, :rank] = weight_B * scaling
+    return stacked_A, stacked_B
+
+
+def mixed_batch_update_(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    row_adapters: list[str],
+    names: list[str],
+    stacked: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Row ``i`` of ``result`` gets ``(x_i A_{a(i)}^T) (s B_{a(i)})^T`` added, ``a(i) = row_adapters[i]``.
+
+    ``stacked`` comes from :func:`stack_adapters` over ``names``; rows naming no adapter there (``"__base__"``)
+    use the zero slot. Gathered batched product: two ``bmm`` over the whole batch, the second one a
+    ``baddbmm_`` into ``result`` (in place when dtypes agree), instead of a loop over per-adapter sub-batches.
+    """
+    stacked_A, stacked_B = stacked
     slot_of = {name: slot for slot, name in enumerate(names)}
     index = torch.tensor([slot_of.get(n, len(names)) for n in row_adapters], device=x.device)
-    h = torch.bmm(x3.to(dtype), stacked_A[index].transpose(1, 2))  # (batch, tokens, r)
-    update = torch.bmm(h, stacked_B[index].transpose(1, 2))  # (batch, tokens, out)
-    return update.reshape(*x.shape[:-1], out_features)
+    batch = x.shape[0]
+    x3 = x.reshape(batch, -1, x.shape[-1]).to(stacked_A.dtype)
+    h = torch.bmm(x3, stacked_A[index].transpose(1, 2))  # (batch, tokens, r_max)
+    B_rows = stacked_B[index].transpose(1, 2)  # (batch, r_max, out)
+    if result.dtype == h.dtype and result.is_contiguous():
+        result.view(batch, -1, result.shape[-1]).baddbmm_(h, B_rows)
+        return result
+    return result + torch.bmm(h, B_rows).reshape(result.shape).to(result.dtype)

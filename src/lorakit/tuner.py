@@ -10,6 +10,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lorakit.config import TASK_HEAD_MODULES, LoraConfig
@@ -55,12 +56,16 @@ class BaseTuner(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict = {}
+        self._mixed_batch_layers: list[nn.Module] | None = None
         self.active_adapter: str | list[str] = adapter_name
         self.add_adapter(adapter_name, config)
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        checkpointing = _is_checkpointing(self.model)
-        scope = contextlib.nullcontext() if checkpointing else shared_dropout_scope()
+        # Dropout masks are drawn only in training with autograd: only then is the sharing scope needed (and
+        # the checkpointing test, which walks every module, is worth its cost).
+        training = self.training and torch.is_grad_enabled()
+        sharing = training and not _is_checkpointing(self.model)
+        scope = shared_dropout_scope() if sharing else contextlib.nullcontext()
         batch = contextlib.nullcontext() if adapter_names is None else self.mixed_batch(adapter_names)
         with scope, batch:
             return self.model(*args, **kwargs)
@@ -131,6 +136,7 @@ class BaseTuner(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Unknown adapter {adapter_name!r}; existing: {list(self.peft_config)}.")
+        self._mixed_batch_layers = None
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in save_wrappers(self.model):
@@ -163,6 +169,7 @@ class LoraModel(BaseTuner):
         """Inject a new adapter; the active adapter does not change (as in PEFT)."""
         config = with_task_heads(config)
         self._check_new_adapter(adapter_name, config)
+        self._mixed_batch_layers = None
         inject_adapter(self.model, config, adapter_name)
         inject_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
@@ -180,9 +187,12 @@ class LoraModel(BaseTuner):
                 f"Unknown adapter(s) {unknown} in adapter_names; existing: {list(self.peft_config)} "
                 f"(or {BASE_ADAPTER!r} for the base model)."
             )
-        layers = [layer for _, layer in lora_layers(self.model)]
+        if self._mixed_batch_layers is None:  # cached: a forward should not walk every module
+            self._mixed_batch_layers = [layer for _, layer in lora_layers(self.model)]
+        layers = self._mixed_batch_layers
+        rows = tuple(adapter_names)
         for layer in layers:
-            layer.row_adapters = list(adapter_names)
+            layer.row_adapters = rows
         try:
             yield
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ TIMED_FIELDS = (
 @pytest.fixture(scope="module")
 def worker_records(tmp_path_factory) -> dict[str, dict]:
     adapter_dir = tmp_path_factory.mktemp("adapters")
-    modes = ["prepare_adapters", *bench_lora.RUN_ORDER, "mixed_check"]
+    modes = ["prepare_adapters", *bench_lora.RUN_ORDER, "mixed_check", "interleaved"]
     command = [
         sys.executable,
         str(BENCH_DIR / "bench_lora.py"),
@@ -103,6 +104,42 @@ def test_mixed_check_record(worker_records):
     )  # the adapters move the logits: the comparison means something
     assert check["peft_vs_reference_max_abs_diff"] < 1e-5  # PEFT's mixed batch equals one adapter at a time
     assert math.isfinite(check["max_abs_diff"]) and math.isfinite(check["lorakit_vs_reference_max_abs_diff"])
+
+
+def test_interleaved_record_times_every_mode_each_round(worker_records):
+    record = worker_records["interleaved"]
+    assert record["error"] is None and record["rounds"] == 2
+    import bench_worker
+
+    assert record["modes"] == list(bench_worker.INTERLEAVED_MODES)
+    for mode in record["modes"]:
+        assert len(record["times_s"][mode]) == 2 and all(t > 0 for t in record["times_s"][mode])
+    times = record["times_s"]
+    expected = statistics.median(a / b for a, b in zip(times["peft_mixed"], times["lorakit_mixed"]))
+    assert record["paired_ratios"]["peft_mixed/lorakit_mixed"] == pytest.approx(expected)
+    assert set(record["paired_ratios"]) == {
+        "lorakit_unmerged/base",
+        "peft_unmerged/base",
+        "peft_mixed/lorakit_mixed",
+        "peft_mixed/base_mixed",
+        "lorakit_mixed/base_mixed",
+    }
+
+
+def test_interleaved_table_judges_the_paired_ratios():
+    records = [
+        {"config": "medium", "mode": "interleaved", "error": None, "rounds": 5, "paired_ratios": r}
+        for r in (
+            {"lorakit_unmerged/base": 1.04, "peft_mixed/lorakit_mixed": 1.2, "peft_mixed/base_mixed": 1.1},
+            {"lorakit_unmerged/base": 1.08, "peft_mixed/lorakit_mixed": 1.4, "peft_mixed/base_mixed": 1.3},
+        )
+    ]
+    entry = bench_report.summarize(records)["medium"]["interleaved"]
+    assert entry["rounds"] == 10 and entry["paired_ratios"]["lorakit_unmerged/base"] == pytest.approx(1.06)
+    table = "\n".join(bench_report.interleaved_table({"interleaved": entry}))
+    assert "| Unmerged inference / base | 1.060 | ≤ 1.05 | **FAIL** |" in table
+    assert "| Mixed batch throughput / PEFT's (8 rows, 4 adapters) | 1.300 | ≥ 2.00 | **FAIL** |" in table
+    assert "the most any mixed batch can gain | 1.200 |" in table
 
 
 def test_worker_reports_errors_in_the_record(tmp_path):
@@ -216,3 +253,28 @@ def test_unknown_config_and_mode_are_refused(capsys):
         bench_lora.main(["--configs", "huge"])
     assert bench_lora.main(["--configs", "tiny", "--modes", "fastest"]) == 2
     assert "Unknown mode(s) ['fastest']" in capsys.readouterr().err
+
+
+def test_parent_runs_the_interleaved_rounds_last_with_their_own_step_count(monkeypatch):
+    calls = []
+
+    def fake_run_worker(args, mode, config, adapter_dir):
+        calls.append((mode, args.steps))
+        return _fake(config, mode, 1.0)
+
+    monkeypatch.setattr(bench_lora, "run_worker", fake_run_worker)
+    argv = [
+        "--configs",
+        "tiny",
+        "--modes",
+        "base",
+        "--repeats",
+        "1",
+        "--steps",
+        "4",
+        "--interleaved-rounds",
+        "7",
+    ]
+    bench_lora.run_config(bench_lora.parse_args(argv), "tiny", ["base"])
+    # no mixed mode among --modes: the adapters are still prepared, for the interleaved mixed batches
+    assert calls == [("base", 4), ("prepare_adapters", 4), ("interleaved", 7)]
