@@ -273,7 +273,7 @@ def parent_main(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for config in configs:
         bench_models.get_config(config)  # fail fast on a typo
-    unknown = [m for m in modes if m not in bench_worker.ALL_MODES]
+    unknown = [m for m in modes if not bench_worker.is_known_mode(m)]
     if unknown:
         print(f"Unknown mode(s) {unknown}; choose from {', '.join(RUN_ORDER)}.", file=sys.stderr)
         return 2

@@ -65,6 +65,18 @@ REFERENCE_RATIOS = [
     ("lorakit step memory d0.05 / full fine-tune", "lorakit_d05.mem", "full.mem"),
     ("lorakit step memory d0 / floor", "lorakit_d0.mem", "floor.mem"),
     ("PEFT step memory d0 / floor", "peft_d0.mem", "floor.mem"),
+    # torch.compile (modes with the +compile suffix, when run)
+    ("lorakit train d0.05 compiled / eager", "lorakit_d05+compile.time", "lorakit_d05.time"),
+    ("lorakit train d0.05 compiled / PEFT's eager", "lorakit_d05+compile.time", "peft_d05.time"),
+    ("lorakit train d0.05 compiled / PEFT's compiled", "lorakit_d05+compile.time", "peft_d05+compile.time"),
+    ("lorakit train d0 compiled / eager", "lorakit_d0+compile.time", "lorakit_d0.time"),
+    ("lorakit train d0 compiled / floor compiled", "lorakit_d0+compile.time", "floor+compile.time"),
+    ("lorakit step memory d0.05 compiled / eager", "lorakit_d05+compile.mem", "lorakit_d05.mem"),
+    (
+        "lorakit unmerged inference compiled / base compiled",
+        "lorakit_unmerged+compile.time",
+        "base+compile.time",
+    ),
 ]
 
 

@@ -62,6 +62,26 @@ INTERLEAVED_MODES = (
     "peft_mixed",
 )
 ALL_MODES = [*TRAIN_MODES, *INFERENCE_MODES, *MIXED_MODES, *SPECIAL_MODES]
+# Any training or inference mode with this suffix runs the same model under torch.compile (the wrapped
+# transformers model's ``.compile()``, applied after the adapters are in place); the compilation happens in
+# the untimed warm-up step, so give such modes ``--warmup`` of at least 1.
+COMPILE_SUFFIX = "+compile"
+
+
+def plain_mode(mode: str) -> str:
+    return mode.removesuffix(COMPILE_SUFFIX)
+
+
+def is_known_mode(mode: str) -> bool:
+    if mode.endswith(COMPILE_SUFFIX):
+        return plain_mode(mode) in TRAIN_MODES or plain_mode(mode) in INFERENCE_MODES
+    return mode in ALL_MODES
+
+
+def _compile_if_asked(model: torch.nn.Module, mode: str) -> None:
+    if mode.endswith(COMPILE_SUFFIX):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.compile()
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -132,14 +152,15 @@ def _require_grad_output(_module, _inputs, output):
 
 def setup_train(mode: str, config, args) -> tuple[Callable[[], object], dict]:
     """The model and the step closure for a training mode, plus facts to report."""
-    library, dropout = TRAIN_MODES[mode]
+    library, dropout = TRAIN_MODES[plain_mode(mode)]
     model = bm.build_base_model(config, args.seed, bm.DTYPES[args.dtype], args.device)
     if library != "base":
         model = bm.wrap_with_lora(library, model, dropout)
-    elif mode == "floor":
+    elif plain_mode(mode) == "floor":
         model.requires_grad_(False)
         model.get_input_embeddings().register_forward_hook(_require_grad_output)
     model.train()
+    _compile_if_asked(model, mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     batch = bm.token_batch(config, config.batch, args.seed, args.device)
@@ -158,13 +179,14 @@ def setup_train(mode: str, config, args) -> tuple[Callable[[], object], dict]:
 
 
 def setup_inference(mode: str, config, args) -> tuple[Callable[[], object], dict]:
-    library = INFERENCE_MODES[mode]
+    library = INFERENCE_MODES[plain_mode(mode)]
     model = bm.build_base_model(config, args.seed, bm.DTYPES[args.dtype], args.device)
     if library is not None:
         model = bm.wrap_with_lora(library, model, 0.0, init_lora_weights=False)
-        if mode.endswith("_merged"):
+        if plain_mode(mode).endswith("_merged"):
             model.merge_adapter()
     model.eval()
+    _compile_if_asked(model, mode)
     batch = bm.token_batch(config, config.batch, args.seed, args.device)
 
     def step():
@@ -336,10 +358,10 @@ def run_mode(mode: str, args) -> dict:
 
 
 def _measure(mode: str, config, args) -> dict:
-    if mode not in SETUPS:
-        raise ValueError(f"Unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}.")
+    if not is_known_mode(mode) or plain_mode(mode) not in SETUPS:
+        raise ValueError(f"Unknown mode {mode!r}; choose from {', '.join(ALL_MODES)} (+compile suffix).")
     start = time.perf_counter()
-    step, facts = SETUPS[mode](mode, config, args)
+    step, facts = SETUPS[plain_mode(mode)](mode, config, args)
     build_s = time.perf_counter() - start
     meter = MemoryMeter(args.device)
     meter.start()

@@ -237,3 +237,30 @@ def test_forward_advertises_the_wrapped_models_arguments_and_survives_deepcopy(i
         for param in clone.parameters():
             param.add_(0.1)
     assert (_logits(clone, input_ids) - _logits(peft_model, input_ids)).abs().max() > 1e-3
+
+
+def test_compile_keeps_outputs_gradients_and_state_dict_keys(input_ids):
+    """PeftModel.compile() traces the plain LoRA formula: same logits and adapter gradients as eager."""
+    config = LoraConfig(target_modules=LLAMA_PROJECTIONS, r=4, init_lora_weights=False)
+    torch.manual_seed(0)
+    eager = get_peft_model(tiny_llama(), config)
+    compiled = get_peft_model(tiny_llama(), config)
+    compiled.load_state_dict(eager.state_dict())
+    keys = list(compiled.state_dict())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled.compile()
+    for model in (eager, compiled):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert list(compiled.state_dict()) == keys  # no "_orig_mod." prefix: adapters save as before
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    for name, param in compiled.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-5)
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(input_ids=input_ids).logits, eager(input_ids=input_ids).logits, atol=1e-5, rtol=0
+        )

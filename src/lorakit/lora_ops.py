@@ -129,7 +129,16 @@ def lora_update_(
     p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """``base_out + scaling * (dropout_p(x) @ A^T) @ B^T``, written into ``base_out`` when possible."""
+    """``base_out + scaling * (dropout_p(x) @ A^T) @ B^T``, written into ``base_out`` when possible.
+
+    Under ``torch.compile`` the plain out-of-place formula is traced instead (with ``F.dropout``): the compiler
+    fuses it itself, and the eager tricks (a shared mask found by tensor identity, an in-place autograd
+    function) would only break the graph.
+    """
+    if torch.compiler.is_compiling():
+        dropped = torch.nn.functional.dropout(x, p, training) if training and p > 0 else x
+        update = (dropped.to(weight_A.dtype) @ weight_A.T) @ weight_B.T
+        return base_out + (update * scaling).to(base_out.dtype)
     p = effective_dropout(p) if training else 0.0
     if not base_out.is_contiguous():
         base_out = base_out.contiguous()

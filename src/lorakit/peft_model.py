@@ -88,6 +88,16 @@ class PeftModel(nn.Module):
         """The wrapped model itself (with the LoRA layers in it)."""
         return self.base_model.model
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` the wrapped model in place (its LoRA layers are traced with it).
+
+        Arguments are ``torch.compile``'s. The wrapper's own dispatch (``adapter_names``, disabling) stays
+        eager, state-dict keys do not change, and under compilation the LoRA update is traced as the plain
+        formula ``base + s * (dropout(x) A^T) B^T`` (the eager path's shared-mask and in-place tricks would
+        break the graph), which the compiler fuses by itself. Fixed shapes (``packing``) avoid recompiling.
+        """
+        self.get_base_model().compile(*args, **kwargs)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts as its number of weights."""
         trainable, total = 0, 0

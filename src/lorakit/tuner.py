@@ -63,7 +63,7 @@ class BaseTuner(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         # Dropout masks are drawn only in training with autograd: only then is the sharing scope needed (and
         # the checkpointing test, which walks every module, is worth its cost).
-        training = self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         sharing = training and not _is_checkpointing(self.model)
         scope = shared_dropout_scope() if sharing else contextlib.nullcontext()
         batch = contextlib.nullcontext() if adapter_names is None else self.mixed_batch(adapter_names)

@@ -278,3 +278,14 @@ def test_parent_runs_the_interleaved_rounds_last_with_their_own_step_count(monke
     bench_lora.run_config(bench_lora.parse_args(argv), "tiny", ["base"])
     # no mixed mode among --modes: the adapters are still prepared, for the interleaved mixed batches
     assert calls == [("base", 4), ("prepare_adapters", 4), ("interleaved", 7)]
+
+
+def test_compile_suffix_is_a_known_mode_only_for_train_and_inference_modes():
+    import bench_worker
+
+    assert bench_worker.is_known_mode("lorakit_d05+compile") and bench_worker.is_known_mode("base+compile")
+    assert not bench_worker.is_known_mode("lorakit_mixed+compile")  # mixed batches are not compiled
+    assert not bench_worker.is_known_mode("nothing+compile")
+    records = [_fake("small", "lorakit_d05", 2.0), _fake("small", "lorakit_d05+compile", 1.5)]
+    table = bench_report.reference_table(bench_report.summarize(records)["small"])
+    assert "| lorakit train d0.05 compiled / eager | 0.750 |" in table

@@ -99,6 +99,9 @@ class TrainConfig:
     seed: int = _help("Seed for adapter init, data order and dropout.", 42)
     precision: str = _help(f"Compute precision: {'|'.join(PRECISIONS)} (bf16/fp16 = autocast).", "fp32")
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", False)
+    compile: bool = _help(
+        "torch.compile the training forward (first steps compile; use packing for fixed shapes).", False
+    )
     load_in_4bit: bool = _help("QLoRA: quantize the base model's Linear layers to 4-bit NF4.", False)
     compute_dtype: str = _help("Compute dtype of 4-bit layers: bf16|fp16|fp32.", "bf16")
     # -- run management

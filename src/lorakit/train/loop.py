@@ -109,6 +109,9 @@ class Trainer(CheckpointMixin):
         self.model = attach_adapter(self.model, config, self.plan.total_steps)
         torch.manual_seed(config.seed + 1_000_003 * (self.context.rank + 1))  # per-rank dropout stream
         self.model.train()
+        # The compiled callable runs only the training forward; evaluation, generation and saving use the
+        # eager model (the same module objects and parameters), so generation's growing shapes never recompile.
+        self.train_forward = torch.compile(self.model.get_base_model()) if config.compile else self.model
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.base_lrs = build_optimizer(self.model, config)
         fp16 = config.precision == "fp16"
@@ -157,7 +160,7 @@ class Trainer(CheckpointMixin):
         for batch in batches:
             batch = {k: v.to(self.context.device) for k, v in batch.items()}
             with autocast_context(self.config.precision, self.context.device):
-                micro_loss = forward_loss_sum(self.model, batch)
+                micro_loss = forward_loss_sum(self.train_forward, batch)
             scaled = micro_loss / global_tokens
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += micro_loss.detach().double()
