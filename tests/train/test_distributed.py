@@ -45,3 +45,17 @@ def test_two_processes_equal_one_with_double_batch_and_resume(tiny_run_inputs, t
     run_checked(torchrun_command(2, resumed_flags, "--resume"), timeout=180)
     resumed = adapter_tensors(resumed_dir / "adapter")
     assert all(torch.equal(resumed[key], ddp[key]) for key in ddp)
+
+
+def test_progress_bars_are_off_inside_the_block_and_restored_after() -> None:
+    from transformers.utils import logging as hf_logging
+
+    from lorakit.train.distributed import progress_bars
+
+    for before in (True, False):
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+        for inside in (True, False):  # False: a rank other than 0 loading the model
+            with progress_bars(enabled=inside):
+                assert hf_logging.is_progress_bar_enabled() == inside
+            assert hf_logging.is_progress_bar_enabled() == before
+    hf_logging.enable_progress_bar()

@@ -9,7 +9,9 @@ token loss over the global batch, whatever the number of ranks.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +111,16 @@ def gather_tensors(context: Distributed, tensors: dict[str, torch.Tensor]) -> di
         for rank, part in enumerate(parts):
             gathered[f"rank{rank}/{key}"] = part.cpu()
     return gathered
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' progress bars (weight loading) on or off inside the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

@@ -39,6 +39,7 @@ from lorakit.train.distributed import (
     all_reduce_sum,
     barrier,
     init_distributed,
+    progress_bars,
     shutdown,
 )
 from lorakit.train.evaluation import loss_sum_and_tokens
@@ -101,7 +102,8 @@ class Trainer(CheckpointMixin):
         seed_everything(config.seed)
         if not self.context.is_main:
             barrier(self.context)  # rank 0 loads first: it may convert the embedded model into the cache
-        self.model, self.tokenizer = load_base(config, self.context.device)
+        with progress_bars(enabled=self.context.is_main):  # one weight-loading bar, not one per rank
+            self.model, self.tokenizer = load_base(config, self.context.device)
         if self.context.is_main:
             barrier(self.context)
         self.data: PreparedData = prepare_data(config, self.tokenizer, self.say)
