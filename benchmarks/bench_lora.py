@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--interleaved-rounds",
         type=int,
         default=0,
-        help="after the repeats, time the inference and mixed-batch modes side by side in one process for "
-        "this many alternating rounds (0: skip); gives per-round time ratios",
+        help="after the repeats, time the inference and mixed-batch modes, then the training modes, side by "
+        "side in one process for this many alternating rounds (0: skip); gives per-round time ratios",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -199,9 +199,10 @@ def run_config(args: argparse.Namespace, config: str, modes: list[str]) -> list[
             rounds = argparse.Namespace(**{**vars(args), "steps": args.interleaved_rounds})
             if not needs_adapters:  # the mixed-batch modes need the adapters
                 records.append(run_worker(args, "prepare_adapters", config, adapter_dir))
-            interleaved = run_worker(rounds, "interleaved", config, adapter_dir)
-            records.append(interleaved)
-            log(f"[{config}] interleaved: {describe_record(interleaved)}")
+            for group in ("interleaved", "interleaved_train"):
+                interleaved = run_worker(rounds, group, config, adapter_dir)
+                records.append(interleaved)
+                log(f"[{config}] {group}: {describe_record(interleaved)}")
     return records
 
 

@@ -89,7 +89,7 @@ def summarize(records: list[dict]) -> dict[str, dict[str, dict]]:
     for (config, mode), runs in grouped.items():
         good = [r for r in runs if not r.get("error")]
         entry: dict = {"runs": len(runs), "errors": sorted({r["error"] for r in runs if r.get("error")})}
-        if mode == "interleaved":
+        if mode in ("interleaved", "interleaved_train"):
             entry["paired_ratios"] = {
                 key: statistics.median(r["paired_ratios"][key] for r in good if key in r["paired_ratios"])
                 for key in sorted({k for r in good for k in r.get("paired_ratios", {})})
@@ -178,7 +178,7 @@ def mode_table(modes: dict[str, dict]) -> list[str]:
         "|---|---:|---:|---:|---:|---|",
     ]
     for mode, entry in modes.items():
-        if mode in ("prepare_adapters", "mixed_check", "interleaved"):
+        if mode in ("prepare_adapters", "mixed_check", "interleaved", "interleaved_train"):
             continue
         note = "; ".join(entry["errors"])[:120]
         lines.append(
@@ -236,10 +236,15 @@ def consistency_notes(modes: dict[str, dict]) -> list[str]:
     return notes
 
 
-# Time ratios from the interleaved run (one process, alternating rounds): (label, key, limit, at_least).
+# Time ratios from the interleaved records (one process, alternating rounds): (label, key, limit, at_least).
 INTERLEAVED_TARGETS = [
+    ("LoRA train step, dropout 0.05 / PEFT's", "lorakit_d05/peft_d05", 0.80, False),
+    ("LoRA train step, dropout 0 / PEFT's", "lorakit_d0/peft_d0", 0.95, False),
+    ("LoRA train step, dropout 0 / floor", "lorakit_d0/floor", 1.10, False),
     ("Unmerged inference / base", "lorakit_unmerged/base", 1.05, False),
     ("Mixed batch throughput / PEFT's (8 rows, 4 adapters)", "peft_mixed/lorakit_mixed", 2.0, True),
+    ("(context) PEFT train step, dropout 0 / floor", "peft_d0/floor", None, False),
+    ("(context) lorakit train step, dropout 0.05 / floor", "lorakit_d05/floor", None, False),
     ("(context) PEFT unmerged inference / base", "peft_unmerged/base", None, False),
     (
         "(context) PEFT mixed batch / base on the same rows: the most any mixed batch can gain",
@@ -252,13 +257,16 @@ INTERLEAVED_TARGETS = [
 
 
 def interleaved_table(modes: dict[str, dict]) -> list[str]:
-    """The time targets again from the interleaved run: medians of per-round ratios."""
-    entry = modes.get("interleaved")
-    if not entry or not entry.get("paired_ratios"):
+    """The time targets again from the interleaved records: medians of per-round ratios."""
+    entries = [
+        modes[k] for k in ("interleaved_train", "interleaved") if modes.get(k, {}).get("paired_ratios")
+    ]
+    if not entries:
         return []
-    ratios = entry["paired_ratios"]
+    ratios = {key: value for entry in entries for key, value in entry["paired_ratios"].items()}
+    rounds = " and ".join(str(entry["rounds"]) for entry in entries)
     lines = [
-        f"Interleaved in one process ({entry['rounds']} alternating rounds; median of per-round ratios):",
+        f"Interleaved in one process ({rounds} alternating rounds; median of per-round ratios):",
         "",
         "| ratio | measured | limit | result |",
         "|---|---:|---:|---|",

@@ -12,8 +12,8 @@ Modes (the parent runs each in its own process so that its peak memory is its ow
   ``peft_mixed``; ``mixed_check`` compares the two outputs and each against a per-adapter reference;
   ``base_mixed`` is the base model alone on the same 8 rows: no mixed batch can be much faster than it;
 * ``prepare_adapters`` writes the four mixed-batch adapters (created by PEFT) into ``--adapter-dir``;
-* ``interleaved``: the inference modes (``INTERLEAVED_MODES``) built side by side in one process and timed in
-  alternating rounds (order reversed every other round). Memory is not measured there; the point is time
+* ``interleaved`` / ``interleaved_train``: the inference (training) modes of ``INTERLEAVED_GROUPS`` built side
+  by side in one process and timed in alternating rounds (order reversed every other round). Memory is not measured there; the point is time
   ratios taken seconds apart in the same process, with ratios per round, which fresh processes on a
   noisy machine resolve only to several percent.
 
@@ -52,15 +52,31 @@ INFERENCE_MODES = {
     "peft_merged": "peft",
 }
 MIXED_MODES = {"base_mixed": None, "lorakit_mixed": "lorakit", "peft_mixed": "peft"}
-SPECIAL_MODES = ("mixed_check", "prepare_adapters", "interleaved")
-INTERLEAVED_MODES = (
-    "base",
-    "lorakit_unmerged",
-    "peft_unmerged",
-    "base_mixed",
-    "lorakit_mixed",
-    "peft_mixed",
-)
+SPECIAL_MODES = ("mixed_check", "prepare_adapters", "interleaved", "interleaved_train")
+# The side-by-side groups of the interleaved records: {record: (modes, {ratio name: (numerator, denominator)})}.
+INTERLEAVED_GROUPS = {
+    "interleaved": (
+        ("base", "lorakit_unmerged", "peft_unmerged", "base_mixed", "lorakit_mixed", "peft_mixed"),
+        {
+            "lorakit_unmerged/base": ("lorakit_unmerged", "base"),
+            "peft_unmerged/base": ("peft_unmerged", "base"),
+            "peft_mixed/lorakit_mixed": ("peft_mixed", "lorakit_mixed"),
+            "peft_mixed/base_mixed": ("peft_mixed", "base_mixed"),
+            "lorakit_mixed/base_mixed": ("lorakit_mixed", "base_mixed"),
+        },
+    ),
+    "interleaved_train": (
+        ("floor", "lorakit_d05", "peft_d05", "lorakit_d0", "peft_d0"),
+        {
+            "lorakit_d05/peft_d05": ("lorakit_d05", "peft_d05"),
+            "lorakit_d0/peft_d0": ("lorakit_d0", "peft_d0"),
+            "lorakit_d0/floor": ("lorakit_d0", "floor"),
+            "peft_d0/floor": ("peft_d0", "floor"),
+            "lorakit_d05/floor": ("lorakit_d05", "floor"),
+        },
+    ),
+}
+INTERLEAVED_MODES = INTERLEAVED_GROUPS["interleaved"][0]
 ALL_MODES = [*TRAIN_MODES, *INFERENCE_MODES, *MIXED_MODES, *SPECIAL_MODES]
 # Any training or inference mode with this suffix runs the same model under torch.compile (the wrapped
 # transformers model's ``.compile()``, applied after the adapters are in place); the compilation happens in
@@ -283,13 +299,14 @@ def run_mixed_check(config, args) -> dict:
     return result
 
 
-def run_interleaved(config, args) -> dict:
-    """Time ``INTERLEAVED_MODES`` in one process: ``args.steps`` rounds, each mode once per round.
+def run_interleaved(group: str, config, args) -> dict:
+    """Time the modes of ``INTERLEAVED_GROUPS[group]`` in one process: ``args.steps`` rounds, each mode once.
 
-    Returns per-mode step times plus, for each ratio the targets use, the median over rounds of the
-    per-round ratio (numerator and denominator timed seconds apart).
+    Returns per-mode step times plus, for each ratio of the group, the median over rounds of the per-round
+    ratio (numerator and denominator timed seconds apart).
     """
-    modes = [m for m in INTERLEAVED_MODES if "mixed" not in m or args.adapter_dir]
+    group_modes, pairs = INTERLEAVED_GROUPS[group]
+    modes = [m for m in group_modes if m not in MIXED_MODES or MIXED_MODES[m] is None or args.adapter_dir]
     steps = {}
     for mode in modes:
         steps[mode], _ = SETUPS[mode](mode, config, args)
@@ -304,13 +321,6 @@ def run_interleaved(config, args) -> dict:
             steps[mode]()
             sync()
             times[mode].append(time.perf_counter() - start)
-    pairs = {
-        "lorakit_unmerged/base": ("lorakit_unmerged", "base"),
-        "peft_unmerged/base": ("peft_unmerged", "base"),
-        "peft_mixed/lorakit_mixed": ("peft_mixed", "lorakit_mixed"),
-        "peft_mixed/base_mixed": ("peft_mixed", "base_mixed"),
-        "lorakit_mixed/base_mixed": ("lorakit_mixed", "base_mixed"),
-    }
     ratios = {
         name: statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
         for name, (num, den) in pairs.items()
@@ -348,8 +358,8 @@ def run_mode(mode: str, args) -> dict:
             record["adapters"] = bm.write_mixed_adapters(config, args.seed, args.adapter_dir)
         elif mode == "mixed_check":
             record.update(run_mixed_check(config, args))
-        elif mode == "interleaved":
-            record.update(run_interleaved(config, args))
+        elif mode in INTERLEAVED_GROUPS:
+            record.update(run_interleaved(mode, config, args))
         else:
             record.update(_measure(mode, config, args))
     except Exception as error:  # noqa: BLE001 - reported to the parent in the JSON line

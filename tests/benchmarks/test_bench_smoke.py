@@ -41,7 +41,7 @@ TIMED_FIELDS = (
 @pytest.fixture(scope="module")
 def worker_records(tmp_path_factory) -> dict[str, dict]:
     adapter_dir = tmp_path_factory.mktemp("adapters")
-    modes = ["prepare_adapters", *bench_lora.RUN_ORDER, "mixed_check", "interleaved"]
+    modes = ["prepare_adapters", *bench_lora.RUN_ORDER, "mixed_check", "interleaved", "interleaved_train"]
     command = [
         sys.executable,
         str(BENCH_DIR / "bench_lora.py"),
@@ -106,24 +106,20 @@ def test_mixed_check_record(worker_records):
     assert math.isfinite(check["max_abs_diff"]) and math.isfinite(check["lorakit_vs_reference_max_abs_diff"])
 
 
-def test_interleaved_record_times_every_mode_each_round(worker_records):
-    record = worker_records["interleaved"]
-    assert record["error"] is None and record["rounds"] == 2
+@pytest.mark.parametrize("group", ["interleaved", "interleaved_train"])
+def test_interleaved_record_times_every_mode_each_round(worker_records, group):
     import bench_worker
 
-    assert record["modes"] == list(bench_worker.INTERLEAVED_MODES)
-    for mode in record["modes"]:
-        assert len(record["times_s"][mode]) == 2 and all(t > 0 for t in record["times_s"][mode])
+    record = worker_records[group]
+    modes, pairs = bench_worker.INTERLEAVED_GROUPS[group]
+    assert record["error"] is None and record["rounds"] == 2 and record["modes"] == list(modes)
     times = record["times_s"]
-    expected = statistics.median(a / b for a, b in zip(times["peft_mixed"], times["lorakit_mixed"]))
-    assert record["paired_ratios"]["peft_mixed/lorakit_mixed"] == pytest.approx(expected)
-    assert set(record["paired_ratios"]) == {
-        "lorakit_unmerged/base",
-        "peft_unmerged/base",
-        "peft_mixed/lorakit_mixed",
-        "peft_mixed/base_mixed",
-        "lorakit_mixed/base_mixed",
-    }
+    for mode in modes:
+        assert len(times[mode]) == 2 and all(t > 0 for t in times[mode])
+    assert set(record["paired_ratios"]) == set(pairs)
+    for name, (numerator, denominator) in pairs.items():
+        expected = statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+        assert record["paired_ratios"][name] == pytest.approx(expected)
 
 
 def test_interleaved_table_judges_the_paired_ratios():
@@ -140,6 +136,10 @@ def test_interleaved_table_judges_the_paired_ratios():
     assert "| Unmerged inference / base | 1.060 | ≤ 1.05 | **FAIL** |" in table
     assert "| Mixed batch throughput / PEFT's (8 rows, 4 adapters) | 1.300 | ≥ 2.00 | **FAIL** |" in table
     assert "the most any mixed batch can gain | 1.200 |" in table
+    train = {"mode": "interleaved_train", "rounds": 3, "paired_ratios": {"lorakit_d0/floor": 1.09}}
+    table = "\n".join(bench_report.interleaved_table({"interleaved": entry, "interleaved_train": train}))
+    assert "(3 and 10 alternating rounds" in table
+    assert "| LoRA train step, dropout 0 / floor | 1.090 | ≤ 1.10 | **PASS** |" in table
 
 
 def test_worker_reports_errors_in_the_record(tmp_path):
@@ -277,7 +277,7 @@ def test_parent_runs_the_interleaved_rounds_last_with_their_own_step_count(monke
     ]
     bench_lora.run_config(bench_lora.parse_args(argv), "tiny", ["base"])
     # no mixed mode among --modes: the adapters are still prepared, for the interleaved mixed batches
-    assert calls == [("base", 4), ("prepare_adapters", 4), ("interleaved", 7)]
+    assert calls == [("base", 4), ("prepare_adapters", 4), ("interleaved", 7), ("interleaved_train", 7)]
 
 
 def test_compile_suffix_is_a_known_mode_only_for_train_and_inference_modes():
