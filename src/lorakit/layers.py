@@ -323,30 +323,10 @@ class Linear(LoraLayer):
         if not names:
             return result
         weights = {n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names}
-        stacked = self._stacked_adapters(names, weights)
-        return mixed_batch_update_(result, x, self.row_adapters, names, stacked)
-
-    def _stacked_adapters(self, names, weights):
-        """:func:`stack_adapters`, rebuilt only when the adapters, their weights or the scalings change.
-
-        The key holds each weight's storage address and version counter, so an optimizer step, a
-        ``load_state_dict`` or a move to another device all invalidate it. Only kept without autograd (a
-        stack built with grad enabled belongs to that one graph).
-        """
-        if torch.is_grad_enabled():
-            return stack_adapters(weights, names)
-        try:
-            key = (torch.is_inference_mode_enabled(),) + tuple(
-                (n, w.data_ptr(), w._version, B.data_ptr(), B._version, s) for n, (w, B, s) in weights.items()
-            )
-        except RuntimeError:  # inference tensors (weights created under inference_mode) have no version
-            return stack_adapters(weights, names)
-        cached = getattr(self, "_mixed_stack_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        # Rebuilt per call on purpose: a stack cached on the layer is allocated mid-forward and outlives it,
+        # which pins glibc's heap and raised the mixed batch's peak resident memory by 0.5 GB (medium model).
         stacked = stack_adapters(weights, names)
-        self._mixed_stack_cache = (key, stacked)
-        return stacked
+        return mixed_batch_update_(result, x, self.row_adapters, names, stacked)
 
     def _dora_update(self, name: str, x: torch.Tensor, base_result: torch.Tensor | None) -> torch.Tensor:
         """``(m/n - 1) W0 x + (m/n) s B A x`` with ``n`` the detached row norm of ``W0 + s BA``."""
