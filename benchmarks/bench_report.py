@@ -77,6 +77,12 @@ REFERENCE_RATIOS = [
         "lorakit_unmerged+compile.time",
         "base+compile.time",
     ),
+    # the trainer's CPU allocator policy (modes with the +keepmem suffix, when run)
+    ("lorakit train d0.05 keepmem / default allocator", "lorakit_d05+keepmem.time", "lorakit_d05.time"),
+    ("lorakit train d0 keepmem / default allocator", "lorakit_d0+keepmem.time", "lorakit_d0.time"),
+    ("PEFT train d0 keepmem / default allocator", "peft_d0+keepmem.time", "peft_d0.time"),
+    ("lorakit train d0 keepmem / floor keepmem", "lorakit_d0+keepmem.time", "floor+keepmem.time"),
+    ("lorakit step memory d0.05 keepmem / default allocator", "lorakit_d05+keepmem.mem", "lorakit_d05.mem"),
 ]
 
 

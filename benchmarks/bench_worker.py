@@ -78,26 +78,41 @@ INTERLEAVED_GROUPS = {
 }
 INTERLEAVED_MODES = INTERLEAVED_GROUPS["interleaved"][0]
 ALL_MODES = [*TRAIN_MODES, *INFERENCE_MODES, *MIXED_MODES, *SPECIAL_MODES]
-# Any training or inference mode with this suffix runs the same model under torch.compile (the wrapped
-# transformers model's ``.compile()``, applied after the adapters are in place); the compilation happens in
-# the untimed warm-up step, so give such modes ``--warmup`` of at least 1.
-COMPILE_SUFFIX = "+compile"
+# Options a training or inference mode can take as suffixes, e.g. ``lorakit_d0+keepmem+compile``:
+# ``+compile``: the wrapped transformers model under torch.compile (``.compile()`` after the adapters are in place;
+# the compilation falls in the untimed warm-up step, so keep ``--warmup`` >= 1);
+# ``+keepmem``: the trainer's CPU allocator policy (lorakit.train.allocator.keep_freed_memory) set first.
+MODE_OPTIONS = ("compile", "keepmem")
 
 
 def plain_mode(mode: str) -> str:
-    return mode.removesuffix(COMPILE_SUFFIX)
+    return mode.split("+", 1)[0]
+
+
+def mode_options(mode: str) -> set[str]:
+    return set(mode.split("+")[1:])
 
 
 def is_known_mode(mode: str) -> bool:
-    if mode.endswith(COMPILE_SUFFIX):
-        return plain_mode(mode) in TRAIN_MODES or plain_mode(mode) in INFERENCE_MODES
+    if "+" in mode:
+        base = plain_mode(mode)
+        valid = set(MODE_OPTIONS)
+        return (base in TRAIN_MODES or base in INFERENCE_MODES) and mode_options(mode) <= valid
     return mode in ALL_MODES
 
 
-def _compile_if_asked(model: torch.nn.Module, mode: str) -> None:
-    if mode.endswith(COMPILE_SUFFIX):
+def _apply_options(model: torch.nn.Module, mode: str) -> None:
+    if "compile" in mode_options(mode):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.compile()
+
+
+def _allocator_policy(mode: str) -> None:
+    if "keepmem" in mode_options(mode):
+        from lorakit.train.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise RuntimeError("+keepmem needs glibc's mallopt, which this system does not have.")
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -169,6 +184,7 @@ def _require_grad_output(_module, _inputs, output):
 def setup_train(mode: str, config, args) -> tuple[Callable[[], object], dict]:
     """The model and the step closure for a training mode, plus facts to report."""
     library, dropout = TRAIN_MODES[plain_mode(mode)]
+    _allocator_policy(mode)
     model = bm.build_base_model(config, args.seed, bm.DTYPES[args.dtype], args.device)
     if library != "base":
         model = bm.wrap_with_lora(library, model, dropout)
@@ -176,7 +192,7 @@ def setup_train(mode: str, config, args) -> tuple[Callable[[], object], dict]:
         model.requires_grad_(False)
         model.get_input_embeddings().register_forward_hook(_require_grad_output)
     model.train()
-    _compile_if_asked(model, mode)
+    _apply_options(model, mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     batch = bm.token_batch(config, config.batch, args.seed, args.device)
@@ -196,13 +212,14 @@ def setup_train(mode: str, config, args) -> tuple[Callable[[], object], dict]:
 
 def setup_inference(mode: str, config, args) -> tuple[Callable[[], object], dict]:
     library = INFERENCE_MODES[plain_mode(mode)]
+    _allocator_policy(mode)
     model = bm.build_base_model(config, args.seed, bm.DTYPES[args.dtype], args.device)
     if library is not None:
         model = bm.wrap_with_lora(library, model, 0.0, init_lora_weights=False)
         if plain_mode(mode).endswith("_merged"):
             model.merge_adapter()
     model.eval()
-    _compile_if_asked(model, mode)
+    _apply_options(model, mode)
     batch = bm.token_batch(config, config.batch, args.seed, args.device)
 
     def step():
@@ -369,7 +386,9 @@ def run_mode(mode: str, args) -> dict:
 
 def _measure(mode: str, config, args) -> dict:
     if not is_known_mode(mode) or plain_mode(mode) not in SETUPS:
-        raise ValueError(f"Unknown mode {mode!r}; choose from {', '.join(ALL_MODES)} (+compile suffix).")
+        raise ValueError(
+            f"Unknown mode {mode!r}; choose from {', '.join(ALL_MODES)} (+compile, +keepmem suffixes)."
+        )
     start = time.perf_counter()
     step, facts = SETUPS[plain_mode(mode)](mode, config, args)
     build_s = time.perf_counter() - start

@@ -41,7 +41,14 @@ TIMED_FIELDS = (
 @pytest.fixture(scope="module")
 def worker_records(tmp_path_factory) -> dict[str, dict]:
     adapter_dir = tmp_path_factory.mktemp("adapters")
-    modes = ["prepare_adapters", *bench_lora.RUN_ORDER, "mixed_check", "interleaved", "interleaved_train"]
+    modes = [
+        "prepare_adapters",
+        *bench_lora.RUN_ORDER,
+        "mixed_check",
+        "interleaved",
+        "interleaved_train",
+        "lorakit_d0+keepmem",  # last: the allocator policy stays for the rest of the process
+    ]
     command = [
         sys.executable,
         str(BENCH_DIR / "bench_lora.py"),
@@ -67,7 +74,7 @@ def worker_records(tmp_path_factory) -> dict[str, dict]:
     return {r["mode"]: r for r in records}
 
 
-@pytest.mark.parametrize("mode", bench_lora.RUN_ORDER)
+@pytest.mark.parametrize("mode", [*bench_lora.RUN_ORDER, "lorakit_d0+keepmem"])
 def test_timed_mode_record(worker_records, mode):
     record = worker_records[mode]
     assert record["error"] is None
@@ -280,12 +287,15 @@ def test_parent_runs_the_interleaved_rounds_last_with_their_own_step_count(monke
     assert calls == [("base", 4), ("prepare_adapters", 4), ("interleaved", 7), ("interleaved_train", 7)]
 
 
-def test_compile_suffix_is_a_known_mode_only_for_train_and_inference_modes():
+def test_mode_suffixes_are_known_only_for_train_and_inference_modes():
     import bench_worker
 
     assert bench_worker.is_known_mode("lorakit_d05+compile") and bench_worker.is_known_mode("base+compile")
     assert not bench_worker.is_known_mode("lorakit_mixed+compile")  # mixed batches are not compiled
     assert not bench_worker.is_known_mode("nothing+compile")
+    assert bench_worker.is_known_mode("lorakit_d0+keepmem+compile")
+    assert not bench_worker.is_known_mode("lorakit_d0+turbo")
+    assert bench_worker.plain_mode("peft_d0+keepmem") == "peft_d0"
     records = [_fake("small", "lorakit_d05", 2.0), _fake("small", "lorakit_d05+compile", 1.5)]
     table = bench_report.reference_table(bench_report.summarize(records)["small"])
     assert "| lorakit train d0.05 compiled / eager | 0.750 |" in table

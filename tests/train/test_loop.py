@@ -210,3 +210,13 @@ def test_compiled_training_gives_the_same_adapter_as_eager(tiny_run_inputs, tmp_
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
     assert compiled.summary["eval_loss_end"] == pytest.approx(eager.summary["eval_loss_end"], abs=1e-4)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_allocator_policy_follows_the_config(keep, tiny_run_inputs, tmp_path, monkeypatch) -> None:
+    import lorakit.train.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(1) or True)
+    _train(tiny_run_inputs, tmp_path / "run", max_steps=1, eval_steps=0, cpu_keep_freed_memory=keep)
+    assert calls == ([1] if keep else [])

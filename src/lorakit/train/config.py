@@ -99,6 +99,10 @@ class TrainConfig:
     seed: int = _help("Seed for adapter init, data order and dropout.", 42)
     precision: str = _help(f"Compute precision: {'|'.join(PRECISIONS)} (bf16/fp16 = autocast).", "fp32")
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", False)
+    cpu_keep_freed_memory: bool = _help(
+        "On CPU (glibc): keep freed memory for the next step instead of page-faulting it back (~10% faster).",
+        True,
+    )
     compile: bool = _help(
         "torch.compile the training forward (first steps compile; use packing for fixed shapes).", False
     )

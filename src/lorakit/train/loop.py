@@ -30,6 +30,7 @@ from lorakit.train.adapters import (
     attach_adapter,
     regularization_loss,
 )
+from lorakit.train.allocator import keep_freed_memory
 from lorakit.train.batching import count_trained_tokens, epoch_order, forward_loss_sum, rank_micro_batches
 from lorakit.train.config import TrainConfig, config_to_yaml
 from lorakit.train.data_prep import PreparedData, prepare_data
@@ -100,6 +101,8 @@ class Trainer(CheckpointMixin):
     def setup(self) -> None:
         config = self.config
         seed_everything(config.seed)
+        if config.cpu_keep_freed_memory and self.context.device.type == "cpu":
+            keep_freed_memory()
         if not self.context.is_main:
             barrier(self.context)  # rank 0 loads first: it may convert the embedded model into the cache
         with progress_bars(enabled=self.context.is_main):  # one weight-loading bar, not one per rank
