@@ -202,11 +202,57 @@ def test_mixed_batch_sees_weight_changes_after_a_cached_call(tmp_path):
 
 
 def test_mixed_batch_with_grad_enabled_back_propagates_to_each_rows_adapter(tmp_path):
+    """Gradients of a mixed batch equal those of running each row with its own adapter."""
     ours, _ = _llama_with_adapters(tmp_path, n_adapters=3)
-    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
-    for name, param in ours.named_parameters():
-        param.requires_grad_(".a0." in name or ".a2." in name or name.endswith((".a0", ".a2")))
-    ours(input_ids=ids, adapter_names=["a2", "__base__"]).logits.sum().backward()
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(2))
+    rows = ["a2", "__base__", "a0"]
     q_proj = ours.base_model.model.model.layers[0].self_attn.q_proj
-    assert q_proj.lora_A["a2"].weight.grad.abs().sum() > 0  # row 0 used a2
-    assert q_proj.lora_A["a0"].weight.grad is None  # no row used a0: not in the graph at all
+    for param in ours.parameters():
+        param.requires_grad_(False)
+    for name in ("a0", "a2"):
+        q_proj.lora_A[name].weight.requires_grad_(True)
+    ours(input_ids=ids, adapter_names=rows).logits.sum().backward()
+    mixed = {n: q_proj.lora_A[n].weight.grad.clone() for n in ("a0", "a2")}
+    assert q_proj.lora_A["a1"].weight.grad is None  # no row used a1: not in the graph at all
+    for index, name in ((0, "a2"), (2, "a0")):
+        q_proj.lora_A[name].weight.grad = None
+        ours.set_adapter(name)
+        for param in ours.parameters():
+            param.requires_grad_(False)
+        q_proj.lora_A[name].weight.requires_grad_(True)
+        ours(input_ids=ids[index : index + 1]).logits.sum().backward()
+        assert mixed[name].abs().sum() > 0
+        torch.testing.assert_close(mixed[name], q_proj.lora_A[name].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_batch_under_autocast_and_with_a_bf16_base(tmp_path):
+    """bf16 compute (autocast) and a bf16 base with fp32 adapters both match one adapter at a time."""
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(3))
+    rows = ["a1", "a0", "__base__", "a1"]
+
+    def per_row(model):
+        out = []
+        for index, name in enumerate(rows):
+            if name == "__base__":
+                with model.disable_adapter():
+                    out.append(model(input_ids=ids[index : index + 1]).logits)
+            else:
+                model.set_adapter(name)
+                out.append(model(input_ids=ids[index : index + 1]).logits)
+        return torch.cat(out).float()
+
+    ours, _ = _llama_with_adapters(tmp_path / "autocast", n_adapters=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ours(input_ids=ids, adapter_names=rows).logits.float()
+        expected = per_row(ours)
+    torch.testing.assert_close(mixed, expected, atol=0.05, rtol=0.02)
+
+    ours, _ = _llama_with_adapters(tmp_path / "bf16", n_adapters=2)
+    ours.base_model.model.to(torch.bfloat16)  # base weights bf16, the result of each base layer bf16
+    for name, param in ours.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()  # adapters stay fp32 (the fallback, out-of-place branch)
+    with torch.no_grad():
+        mixed = ours(input_ids=ids, adapter_names=rows).logits.float()
+        expected = per_row(ours)
+    torch.testing.assert_close(mixed, expected, atol=0.05, rtol=0.02)

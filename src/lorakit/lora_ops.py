@@ -196,10 +196,14 @@ def mixed_batch_update_(
     slot_of = {name: slot for slot, name in enumerate(names)}
     index = torch.tensor([slot_of.get(n, len(names)) for n in row_adapters], device=x.device)
     batch = x.shape[0]
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(stacked_A.dtype)
-    h = torch.bmm(x3, stacked_A[index].transpose(1, 2))  # (batch, tokens, r_max)
-    B_rows = stacked_B[index].transpose(1, 2)  # (batch, r_max, out)
-    if result.dtype == h.dtype and result.is_contiguous():
-        result.view(batch, -1, result.shape[-1]).baddbmm_(h, B_rows)
-        return result
-    return result + torch.bmm(h, B_rows).reshape(result.shape).to(result.dtype)
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    # in the autocast dtype under autocast (as the autograd path), in the adapters' dtype otherwise
+    dtype = torch.get_autocast_dtype(x.device.type) if autocasting else stacked_A.dtype
+    with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        x3 = x.reshape(batch, -1, x.shape[-1]).to(dtype)
+        h = torch.bmm(x3, stacked_A[index].transpose(1, 2).to(dtype))  # (batch, tokens, r_max)
+        B_rows = stacked_B[index].transpose(1, 2).to(dtype)  # (batch, r_max, out)
+        if result.dtype == dtype and result.is_contiguous():
+            result.view(batch, -1, result.shape[-1]).baddbmm_(h, B_rows)
+            return result
+        return result + torch.bmm(h, B_rows).reshape(result.shape).to(result.dtype)
