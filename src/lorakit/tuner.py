@@ -56,7 +56,6 @@ class BaseTuner(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict = {}
-        self._mixed_batch_layers: list[nn.Module] | None = None
         self.active_adapter: str | list[str] = adapter_name
         self.add_adapter(adapter_name, config)
 
@@ -136,7 +135,6 @@ class BaseTuner(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Unknown adapter {adapter_name!r}; existing: {list(self.peft_config)}.")
-        self._mixed_batch_layers = None
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in save_wrappers(self.model):
@@ -169,7 +167,6 @@ class LoraModel(BaseTuner):
         """Inject a new adapter; the active adapter does not change (as in PEFT)."""
         config = with_task_heads(config)
         self._check_new_adapter(adapter_name, config)
-        self._mixed_batch_layers = None
         inject_adapter(self.model, config, adapter_name)
         inject_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
@@ -187,9 +184,7 @@ class LoraModel(BaseTuner):
                 f"Unknown adapter(s) {unknown} in adapter_names; existing: {list(self.peft_config)} "
                 f"(or {BASE_ADAPTER!r} for the base model)."
             )
-        if self._mixed_batch_layers is None:  # cached: a forward should not walk every module
-            self._mixed_batch_layers = [layer for _, layer in lora_layers(self.model)]
-        layers = self._mixed_batch_layers
+        layers = [layer for _, layer in lora_layers(self.model)]
         rows = tuple(adapter_names)
         for layer in layers:
             layer.row_adapters = rows

@@ -129,8 +129,11 @@ def test_only_one_trainable_adapter():
 
 
 def test_mixed_adapter_batches_are_refused(input_ids):
+    model = _model()
     with pytest.raises(ValueError, match="LoRA adapters only"):
-        _model()(input_ids=input_ids, adapter_names=["default", "default"])
+        model(input_ids=input_ids, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="LoRA adapters only"):  # generate goes through mixed_batch directly
+        model.generate(input_ids=input_ids, adapter_names=["default"] * len(input_ids), max_new_tokens=1)
 
 
 @pytest.mark.parametrize(

@@ -72,11 +72,15 @@ class AdaLoraModel(LoraModel):
         }
 
     # ---------------------------------------------------------------------------------------------- forward
+    def mixed_batch(self, adapter_names: list[str]):
+        """Refused (also for ``PeftModel.generate(adapter_names=...)``, which calls it directly)."""
+        raise ValueError(
+            "Mixed-adapter batches (adapter_names) are supported for LoRA adapters only, not AdaLoRA."
+        )
+
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         if adapter_names is not None:
-            raise ValueError(
-                "Mixed-adapter batches (adapter_names) are supported for LoRA adapters only, not AdaLoRA."
-            )
+            self.mixed_batch(adapter_names)
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         if isinstance(loss, torch.Tensor) and self.trainable_adapter_name is not None:
