@@ -52,10 +52,13 @@ def test_progress_bars_are_off_inside_the_block_and_restored_after() -> None:
 
     from lorakit.train.distributed import progress_bars
 
-    for before in (True, False):
-        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
-        for inside in (True, False):  # False: a rank other than 0 loading the model
-            with progress_bars(enabled=inside):
-                assert hf_logging.is_progress_bar_enabled() == inside
-            assert hf_logging.is_progress_bar_enabled() == before
-    hf_logging.enable_progress_bar()
+    original = hf_logging.is_progress_bar_enabled()
+    try:
+        for before in (True, False):
+            (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+            for enabled in (True, False):  # False: a rank other than 0 loading the model
+                with progress_bars(enabled=enabled):
+                    assert hf_logging.is_progress_bar_enabled() == (before and enabled)  # never turned on
+                assert hf_logging.is_progress_bar_enabled() == before
+    finally:
+        (hf_logging.enable_progress_bar if original else hf_logging.disable_progress_bar)()

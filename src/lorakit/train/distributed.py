@@ -115,12 +115,17 @@ def gather_tensors(context: Distributed, tensors: dict[str, torch.Tensor]) -> di
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[None]:
-    """transformers' progress bars (weight loading) on or off inside the block, as they were after it."""
+    """transformers' progress bars (weight loading) turned off inside the block unless ``enabled``.
+
+    Never turns them on (a user who disabled them keeps them off); the previous state returns after the block.
+    """
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    if not enabled:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
