@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -12,6 +13,7 @@ from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import load_config
 from lorakit.train.loop import TrainingDiverged, train
 from lorakit.train.metrics import read_metrics
+from tests.conftest import compile_backend
 
 from .helpers import adapter_tensors, tiny_run_flags
 
@@ -197,26 +199,39 @@ def test_bad_data_stops_before_training(tiny_run_inputs, tmp_path) -> None:
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_compiled_training_gives_the_same_adapter_as_eager(tiny_run_inputs, tmp_path) -> None:
-    """``compile: true`` traces the plain LoRA formula; with dropout 0 it must train the same adapter."""
-    kwargs = dict(max_steps=3, learning_rate=1e-3, lora_dropout=0.0, packing=True, eval_steps=0)
+def test_compiled_training_follows_the_eager_run(tiny_run_inputs, tmp_path, monkeypatch) -> None:
+    """``compile: true`` traces the plain LoRA formula with no graph break; with dropout 0 the run is the same.
+
+    Compared through the losses: Adam moves near-zero gradient components by about lr whatever their size,
+    so adapters trained from gradients equal only to float rounding can differ element-wise by up to 2 lr.
+    """
+    if compile_backend() != "inductor":
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=compile_backend()))
+    kwargs = dict(max_steps=4, learning_rate=2e-2, lora_dropout=0.0, packing=True, eval_steps=0)
     eager = _train(tiny_run_inputs, tmp_path / "eager", **kwargs)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = _train(tiny_run_inputs, tmp_path / "compiled", compile=True, **kwargs)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really ran compiled
-    a, b = adapter_tensors(eager.adapter_dir), adapter_tensors(compiled.adapter_dir)
-    assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)  # it trained
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # one whole graph
+    losses = [
+        [r["loss"] for r in read_metrics(run.output_dir / "metrics.jsonl") if "loss" in r]
+        for run in (eager, compiled)
+    ]
+    assert len(losses[0]) == 4 and losses[0][-1] < losses[0][0] - 0.05  # it learned
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
     assert compiled.summary["eval_loss_end"] == pytest.approx(eager.summary["eval_loss_end"], abs=1e-4)
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_cpu_allocator_policy_follows_the_config(keep, tiny_run_inputs, tmp_path, monkeypatch) -> None:
+def test_cpu_allocator_policy_follows_the_config(
+    keep, tiny_run_inputs, tmp_path, monkeypatch, capsys
+) -> None:
     import lorakit.train.loop as loop
 
     calls = []
-    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(loop, "restore_defaults", lambda: calls.append("restore") or True)
     _train(tiny_run_inputs, tmp_path / "run", max_steps=1, eval_steps=0, cpu_keep_freed_memory=keep)
-    assert calls == ([1] if keep else [])
+    assert calls == (["keep", "restore"] if keep else [])  # set for the run, undone after it
+    assert ("freed memory is kept" in capsys.readouterr().out) == keep

@@ -9,34 +9,51 @@ hands the same memory back zero-filled, one 4 KiB page fault at a time: on the b
 :func:`keep_freed_memory` sets ``M_MMAP_MAX = 0`` (every block comes from the heap) and
 ``M_TRIM_THRESHOLD = 2 GiB`` (freed memory stays for reuse): the LoRA step above then runs about 10-15%
 faster. Resident memory stays at the step's peak between steps, which a training process reaches every
-step anyway. Only glibc has ``mallopt``; elsewhere (musl, macOS, Windows) this is a no-op.
+step anyway. :func:`restore_defaults` sets glibc's default limits again and returns the freed memory to the
+OS (``malloc_trim``); the trainer calls it when the run ends. Only glibc's allocator has ``mallopt``: with
+another allocator (musl, macOS, Windows, or jemalloc / tcmalloc preloaded) both are no-ops that return False.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int
+DEFAULT_TRIM_THRESHOLD_BYTES = 128 * 1024  # glibc's defaults
+DEFAULT_MMAP_MAX = 65536
 
 
-def _glibc() -> ctypes.CDLL | None:
+def _glibc_malloc() -> ctypes.CDLL | None:
+    """This process's C library when glibc's ``malloc`` is the one in use, else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        process = ctypes.CDLL(None)  # the symbols the process resolves (a preloaded allocator wins)
+        libc = ctypes.CDLL("libc.so.6")
         libc.gnu_get_libc_version  # noqa: B018 - present only in glibc
-        return libc
     except (OSError, AttributeError):
         return None
+    address = ctypes.cast(process.malloc, ctypes.c_void_p).value
+    return libc if address == ctypes.cast(libc.malloc, ctypes.c_void_p).value else None
 
 
 def keep_freed_memory() -> bool:
     """Serve every allocation from glibc's heap and never trim it; True when the policy took effect."""
-    libc = _glibc()
+    libc = _glibc_malloc()
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def restore_defaults() -> bool:
+    """glibc's default ``M_MMAP_MAX`` and ``M_TRIM_THRESHOLD`` again, and the freed memory back to the OS."""
+    libc = _glibc_malloc()
+    if libc is None:
+        return False
+    done = bool(libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX))
+    done = bool(libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD_BYTES)) and done
+    libc.malloc_trim(0)
+    return done

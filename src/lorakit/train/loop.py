@@ -30,7 +30,7 @@ from lorakit.train.adapters import (
     attach_adapter,
     regularization_loss,
 )
-from lorakit.train.allocator import keep_freed_memory
+from lorakit.train.allocator import keep_freed_memory, restore_defaults
 from lorakit.train.batching import count_trained_tokens, epoch_order, forward_loss_sum, rank_micro_batches
 from lorakit.train.config import TrainConfig, config_to_yaml
 from lorakit.train.data_prep import PreparedData, prepare_data
@@ -73,15 +73,19 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Run ``config`` (under torchrun: data-parallel over all ranks)."""
     context = init_distributed(config.device)
+    keep_memory = config.cpu_keep_freed_memory and context.device.type == "cpu" and keep_freed_memory()
     try:
-        return Trainer(config, context).run()
+        return Trainer(config, context, keeps_freed_memory=keep_memory).run()
     finally:
+        if keep_memory:
+            restore_defaults()  # a notebook or test process that called train() gets its memory back
         shutdown(context)
 
 
 class Trainer(CheckpointMixin):
-    def __init__(self, config: TrainConfig, context: Distributed) -> None:
+    def __init__(self, config: TrainConfig, context: Distributed, keeps_freed_memory: bool = False) -> None:
         self.config, self.context = config, context
+        self.keeps_freed_memory = keeps_freed_memory  # the CPU allocator policy of lorakit.train.allocator
         self.output_dir = Path(config.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=context.is_main)
@@ -101,8 +105,6 @@ class Trainer(CheckpointMixin):
     def setup(self) -> None:
         config = self.config
         seed_everything(config.seed)
-        if config.cpu_keep_freed_memory and self.context.device.type == "cpu":
-            keep_freed_memory()
         if not self.context.is_main:
             barrier(self.context)  # rank 0 loads first: it may convert the embedded model into the cache
         with progress_bars(enabled=self.context.is_main):  # one weight-loading bar, not one per rank
@@ -134,6 +136,10 @@ class Trainer(CheckpointMixin):
             f"{self.plan.total_steps} steps of {self.plan.global_batch} sequences "
             f"({self.plan.steps_per_epoch} per epoch, {self.context.world_size} process(es))"
         )
+        if self.keeps_freed_memory:
+            self.say(
+                "cpu: freed memory is kept for the next step (cpu_keep_freed_memory; false turns it off)"
+            )
 
     # -------------------------------------------------------------------------------------------- data
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
