@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--repeats and --steps must be at least 1 and --warmup at least 0.")
+    if args.interleaved_rounds % 2:
+        parser.error("--interleaved-rounds must be even (as many rounds in each order).")
     return args
 
 
@@ -180,7 +182,7 @@ def describe_record(record: dict) -> str:
 def run_config(args: argparse.Namespace, config: str, modes: list[str]) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory(prefix=f"lorakit-bench-{config}-") as adapter_dir:
-        needs_adapters = any("mixed" in m for m in modes)
+        needs_adapters = any(m in ("lorakit_mixed", "peft_mixed") for m in modes)
         if needs_adapters:
             prepared = run_worker(args, "prepare_adapters", config, adapter_dir)
             records.append(prepared)

@@ -248,6 +248,7 @@ INTERLEAVED_TARGETS = [
     ("LoRA train step, dropout 0 / PEFT's", "lorakit_d0/peft_d0", 0.95, False),
     ("LoRA train step, dropout 0 / floor", "lorakit_d0/floor", 1.10, False),
     ("Unmerged inference / base", "lorakit_unmerged/base", 1.05, False),
+    ("Merged inference / base (equal; 2% noise band)", "lorakit_merged/base", 1.02, False),
     ("Mixed batch throughput / PEFT's (8 rows, 4 adapters)", "peft_mixed/lorakit_mixed", 2.0, True),
     ("(context) PEFT train step, dropout 0 / floor", "peft_d0/floor", None, False),
     ("(context) lorakit train step, dropout 0.05 / floor", "lorakit_d05/floor", None, False),

@@ -56,9 +56,18 @@ SPECIAL_MODES = ("mixed_check", "prepare_adapters", "interleaved", "interleaved_
 # The side-by-side groups of the interleaved records: {record: (modes, {ratio name: (numerator, denominator)})}.
 INTERLEAVED_GROUPS = {
     "interleaved": (
-        ("base", "lorakit_unmerged", "peft_unmerged", "base_mixed", "lorakit_mixed", "peft_mixed"),
+        (
+            "base",
+            "lorakit_unmerged",
+            "peft_unmerged",
+            "lorakit_merged",
+            "base_mixed",
+            "lorakit_mixed",
+            "peft_mixed",
+        ),
         {
             "lorakit_unmerged/base": ("lorakit_unmerged", "base"),
+            "lorakit_merged/base": ("lorakit_merged", "base"),
             "peft_unmerged/base": ("peft_unmerged", "base"),
             "peft_mixed/lorakit_mixed": ("peft_mixed", "lorakit_mixed"),
             "peft_mixed/base_mixed": ("peft_mixed", "base_mixed"),
@@ -389,6 +398,8 @@ def _measure(mode: str, config, args) -> dict:
         raise ValueError(
             f"Unknown mode {mode!r}; choose from {', '.join(ALL_MODES)} (+compile, +keepmem suffixes)."
         )
+    if "compile" in mode_options(mode) and args.warmup < 1:
+        raise ValueError(f"{mode}: give --warmup 1 or more, so that compiling is not timed.")
     start = time.perf_counter()
     step, facts = SETUPS[plain_mode(mode)](mode, config, args)
     build_s = time.perf_counter() - start

@@ -66,7 +66,7 @@ def worker_records(tmp_path_factory) -> dict[str, dict]:
         "1",
     ]
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=bench_lora.worker_env(threads=1)
+        command, capture_output=True, text=True, timeout=900, env=bench_lora.worker_env(threads=1)
     )
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["mode"] for r in records] == modes, done.stderr[-2000:]
@@ -280,11 +280,13 @@ def test_parent_runs_the_interleaved_rounds_last_with_their_own_step_count(monke
         "--steps",
         "4",
         "--interleaved-rounds",
-        "7",
+        "6",
     ]
     bench_lora.run_config(bench_lora.parse_args(argv), "tiny", ["base"])
     # no mixed mode among --modes: the adapters are still prepared, for the interleaved mixed batches
-    assert calls == [("base", 4), ("prepare_adapters", 4), ("interleaved", 7), ("interleaved_train", 7)]
+    assert calls == [("base", 4), ("prepare_adapters", 4), ("interleaved", 6), ("interleaved_train", 6)]
+    with pytest.raises(SystemExit):  # an odd count would run one order more often than the other
+        bench_lora.parse_args(["--interleaved-rounds", "5"])
 
 
 def test_mode_suffixes_are_known_only_for_train_and_inference_modes():
@@ -296,6 +298,9 @@ def test_mode_suffixes_are_known_only_for_train_and_inference_modes():
     assert bench_worker.is_known_mode("lorakit_d0+keepmem+compile")
     assert not bench_worker.is_known_mode("lorakit_d0+turbo")
     assert bench_worker.plain_mode("peft_d0+keepmem") == "peft_d0"
+    args = bench_lora.parse_args(["--worker", "lorakit_d0+compile", "--config", "tiny", "--warmup", "0"])
+    record = bench_worker.run_mode("lorakit_d0+compile", args)  # compiling would fall in a timed step
+    assert "--warmup 1 or more" in record["error"]
     records = [_fake("small", "lorakit_d05", 2.0), _fake("small", "lorakit_d05+compile", 1.5)]
     table = bench_report.reference_table(bench_report.summarize(records)["small"])
     assert "| lorakit train d0.05 compiled / eager | 0.750 |" in table
