@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,7 @@ def lora_update_(
     function) would only break the graph.
     """
     if torch.compiler.is_compiling():
-        dropped = torch.nn.functional.dropout(x, p, training) if training and p > 0 else x
+        dropped = F.dropout(x, p, training) if training and p > 0 else x
         update = (dropped.to(weight_A.dtype) @ weight_A.T) @ weight_B.T
         return base_out + (update * scaling).to(base_out.dtype)
     p = effective_dropout(p) if training else 0.0
@@ -182,7 +182,7 @@ def stack_adapters(
 def mixed_batch_update_(
     result: torch.Tensor,
     x: torch.Tensor,
-    row_adapters: list[str],
+    row_adapters: Sequence[str],
     names: list[str],
     stacked: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
