@@ -12,6 +12,8 @@ update of Hu et al. 2021, eq. 3) computed in place into ``base_out``. Compared w
 
 Gradients, with ``g`` the output gradient, ``D`` the dropout mask divided by ``1 - p``, ``xd = D * x``:
 ``dB = s g^T h``, ``dh = s g B``, ``dA = dh^T xd``, ``dx = D * (dh A)``, and ``g`` itself for ``base_out``.
+The factor ``1 / (1 - p)`` of ``D`` is applied to the small (tokens x r) ``h`` and ``dh``, so each big
+(tokens x in) tensor is multiplied by the mask once and never scaled.
 """
 
 from __future__ import annotations
@@ -73,9 +75,13 @@ def _dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return mask
 
 
-def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    """``x * mask / (1 - p)`` (``p`` already the effective probability)."""
-    return x2 if mask is None else torch.mul(x2, mask.reshape(x2.shape)).mul_(1 / (1 - p))
+def _masked(x2: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x * mask`` (one pass over the big tensor); the ``1 / (1 - p)`` factor goes on the small ones."""
+    return x2 if mask is None else torch.mul(x2, mask.reshape(x2.shape))
+
+
+def _keep_scale(mask: torch.Tensor | None, p: float) -> float:
+    return 1.0 if mask is None else 1 / (1 - p)
 
 
 def _add_low_rank_(base_out: torch.Tensor, h: torch.Tensor, weight_B: torch.Tensor, scaling: float) -> None:
@@ -94,7 +100,9 @@ class _LoraUpdate(torch.autograd.Function):
     def forward(ctx, base_out, x, weight_A, weight_B, scaling, p, mask, compute_dtype):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-            h = _dropped(x2, mask, p) @ weight_A.to(compute_dtype).T  # (tokens, r)
+            h = _masked(x2, mask) @ weight_A.to(compute_dtype).T  # (tokens, r)
+            if mask is not None:
+                h.mul_(_keep_scale(mask, p))  # (x * m / (1 - p)) A^T, scaled on the small side
             _add_low_rank_(base_out, h, weight_B.to(compute_dtype), scaling)
         ctx.mark_dirty(base_out)
         ctx.save_for_backward(x, weight_A, weight_B, h, mask)
@@ -115,12 +123,14 @@ class _LoraUpdate(torch.autograd.Function):
             if need_B:
                 grad_B = (h.T @ g).mul_(ctx.scaling).T.to(weight_B.dtype)
             if need_x or need_A:
-                grad_h = F.linear(g, weight_B.T.to(dtype).contiguous()).mul_(ctx.scaling)
+                # dh = s g B, times the dropout factor 1/(1-p) here, on (tokens x r), not on the big tensors
+                factor = ctx.scaling * _keep_scale(mask, ctx.p)
+                grad_h = F.linear(g, weight_B.T.to(dtype).contiguous()).mul_(factor)
                 if need_A:
                     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-                    grad_A = (grad_h.T @ _dropped(x2, mask, ctx.p)).to(weight_A.dtype)
+                    grad_A = (grad_h.T @ _masked(x2, mask)).to(weight_A.dtype)
                 if need_x:
-                    grad_x = _dropped(grad_h @ weight_A.to(dtype), mask, ctx.p).view(x.shape).to(x.dtype)
+                    grad_x = _masked(grad_h @ weight_A.to(dtype), mask).view(x.shape).to(x.dtype)
         return grad_out, grad_x, grad_A, grad_B, None, None, None, None
 
 
@@ -154,8 +164,8 @@ def lora_update_(
     # inference: the same arithmetic with no autograd bookkeeping (the hot path of unmerged generation)
     with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        h = _dropped(x2, mask, p) @ weight_A.to(compute_dtype).T
-        _add_low_rank_(base_out, h, weight_B.to(compute_dtype), scaling)
+        h = _masked(x2, mask) @ weight_A.to(compute_dtype).T
+        _add_low_rank_(base_out, h, weight_B.to(compute_dtype), scaling * _keep_scale(mask, p))
     return base_out
 
 
