@@ -183,7 +183,7 @@ def test_autocast_runs_the_low_rank_path_in_the_autocast_dtype(dtype):
         torch.testing.assert_close(g, w, atol=0.2, rtol=0.05)
 
 
-def test_mixed_batch_sees_weight_changes_after_a_cached_call(tmp_path):
+def test_mixed_batch_sees_in_place_weight_changes(tmp_path):
     """An in-place weight change between two mixed batches shows in the second (nothing stale is kept)."""
     ours, _ = _llama_with_adapters(tmp_path, n_adapters=2)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
