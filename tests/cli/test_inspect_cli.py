@@ -121,3 +121,24 @@ def test_errors_are_clear_and_without_traceback(tmp_path, capsys, setup, message
 def test_bad_threshold(adapter_dir, capsys):
     assert main(["inspect", str(adapter_dir), "--thresholds", "1.5"]) == 2
     assert "thresholds must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_layers_are_listed_in_natural_order(tmp_path, capsys):
+    layers = [0, 1, 2, 10, 11]
+    tensors = {}
+    for index in layers:
+        tensors |= lora_pair(f"model.layers.{index}.q_proj", np.eye(2), np.eye(2) * (index + 1))
+    folder = write_adapter(tmp_path / "many", {"r": 2, "lora_alpha": 2}, tensors)
+    assert main(["inspect", str(folder), "--json"]) == 0
+    names = [layer["name"] for layer in json.loads(capsys.readouterr().out)["layers"]]
+    assert names == [f"model.layers.{i}.q_proj" for i in layers]  # not 0, 1, 10, 11, 2
+    assert main(["inspect", str(folder), "--compare", str(folder), "--json"]) == 0
+    compared = [layer["name"] for layer in json.loads(capsys.readouterr().out)["layers"]]
+    assert compared == names
+
+
+def test_natural_key():
+    from lorakit.lowrank.analysis import natural_sorted
+
+    names = ["b.10.x", "b.9.x", "a.100", "a.20.y", "a.20.x", "b.9"]
+    assert natural_sorted(names) == ["a.20.x", "a.20.y", "a.100", "b.9", "b.9.x", "b.10.x"]

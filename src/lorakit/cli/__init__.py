@@ -2,6 +2,8 @@
 
 Each sub-command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func`` to a callable taking the parsed ``argparse.Namespace`` and returning an exit code.
+Options share one vocabulary, each under its dash and underscore spellings (:mod:`lorakit.cli.options`).
+Ctrl-C anywhere ends a command with exit code 130 and a one-line message instead of a traceback.
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nlorakit {args.command}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

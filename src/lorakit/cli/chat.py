@@ -1,20 +1,89 @@
 """``lorakit chat``: an interactive conversation with a model + adapter, streamed token by token.
 
-Type a message and press Enter; ``/reset`` forgets the conversation, ``/exit`` (or Ctrl-D) quits.
+Type a message and press Enter; ``/reset`` forgets the conversation, ``/exit`` quits. Line editing and
+history (arrow keys) come from Python's ``readline`` module where it exists (not on plain Windows).
+
+Interrupts: Ctrl-C while a reply is being generated stops that reply and returns to the prompt (the
+unfinished exchange is dropped from the conversation). At the prompt, ``/exit`` and Ctrl-D end the chat
+with exit code 0, and Ctrl-C ends it with exit code 130 (128 + SIGINT, the shell's convention for a
+command stopped by Ctrl-C). With ``--output_dir`` the conversation is written to ``DIR/chat.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import TextIO
 
-from lorakit.cli.generate import add_model_options, load, stream_reply
+from lorakit.cli.generate import add_model_options, load, seed_sampling, stream_reply
+from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, describe
+
+Message = dict[str, str]
+EXIT_COMMANDS = ("/exit", "/quit")
+INTERRUPTED = 130
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("chat", help="chat with a model + adapter in the terminal")
+    parser = subparsers.add_parser(
+        "chat",
+        help="chat with a model + adapter in the terminal",
+        description=describe(__doc__),
+        epilog=SPELLING_NOTE,
+        formatter_class=RawDescriptionHelpFormatter,
+    )
     add_model_options(parser)
     parser.set_defaults(func=run)
+
+
+def enable_line_editing() -> bool:
+    """Import ``readline`` (which gives ``input()`` arrow keys and history); False where it is missing."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def chat_loop(
+    respond: Callable[[list[Message]], str],
+    messages: list[Message],
+    *,
+    read: Callable[[str], str] | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Read user lines, append them and ``respond(messages)``'s replies to ``messages``; returns the exit code.
+
+    ``messages`` starts with the system message(s), if any, which ``/reset`` keeps. ``read`` defaults to
+    ``input`` (looked up at call time) and ``err`` to ``sys.stderr``.
+    """
+    read = read or input
+    err = err or sys.stderr
+    kept = len(messages)
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:  # Ctrl-D
+            print(file=err)
+            return 0
+        except KeyboardInterrupt:
+            print(file=err)
+            return INTERRUPTED
+        if line in EXIT_COMMANDS:
+            return 0
+        if line == "/reset":
+            del messages[kept:]
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = respond(messages)
+        except KeyboardInterrupt:
+            messages.pop()
+            print("\n[reply interrupted; not kept in the conversation]", file=err)
+            continue
+        messages.append({"role": "assistant", "content": reply.strip()})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,29 +91,19 @@ def run(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     model, tokenizer = loaded
-    if args.seed is not None:
-        import torch
-
-        torch.manual_seed(args.seed)
+    seed_sampling(args.seed)
     from lorakit.train.samples import render_prompt
 
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
-    print("lorakit chat: /reset to start over, /exit to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip() == "/reset":
-            messages = list(system)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
+    def respond(messages: list[Message]) -> str:
         print("assistant> ", end="", flush=True)
-        reply = stream_reply(model, tokenizer, render_prompt(tokenizer, messages), args)
-        messages.append({"role": "assistant", "content": reply.strip()})
+        return stream_reply(model, tokenizer, render_prompt(tokenizer, messages), args)
+
+    enable_line_editing()
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("lorakit chat: /reset to start over, /exit or Ctrl-D to quit.", file=sys.stderr)
+    code = chat_loop(respond, messages)
+    if args.output_dir:
+        from lorakit.cli.output import write_json
+
+        write_json(args.output_dir, "chat.json", {"messages": messages})
+    return code

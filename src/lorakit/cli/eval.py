@@ -1,7 +1,8 @@
 """``lorakit eval --dataset FILE [--model M] [--adapter DIR]``: held-out loss and perplexity.
 
 loss = (sum of next-token cross-entropies over trained tokens) / (number of trained tokens),
-perplexity = exp(loss); prompt tokens are excluded as in training unless ``--train-on-prompt``.
+perplexity = exp(loss); prompt tokens are excluded as in training unless ``--train_on_prompt``.
+With ``--output_dir`` the result is also written to ``DIR/eval.json``.
 """
 
 from __future__ import annotations
@@ -10,22 +11,47 @@ import argparse
 import json
 import sys
 
+from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
+from lorakit.cli.threads import pin_threads
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="loss and perplexity of a model + adapter on a dataset")
-    parser.add_argument(
-        "--dataset", default=None, help="data file (default: the bundled sample's eval split)"
+    parser = subparsers.add_parser(
+        "eval",
+        help="loss and perplexity of a model + adapter on a dataset",
+        description=describe(__doc__),
+        epilog=SPELLING_NOTE,
+        formatter_class=RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model", default=None, help="base or merged model (default: adapter's base / SmolLM2)"
+    add_option(
+        parser,
+        "dataset",
+        default=None,
+        metavar="FILE",
+        help="data file (default: the bundled sample's eval split)",
     )
-    parser.add_argument("--adapter", default=None, help="adapter folder")
-    parser.add_argument("--format", default="auto", help="auto|alpaca|messages|sharegpt|text")
-    parser.add_argument("--max-seq-length", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-on-prompt", action="store_true", help="also score prompt tokens")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_option(parser, "model", default=None, help="base or merged model (default: adapter's base / SmolLM2)")
+    add_option(parser, "adapter", default=None, metavar="DIR", help="adapter folder")
+    add_option(
+        parser, "dataset_format", default="auto", metavar="FORMAT", help="auto|alpaca|messages|sharegpt|text"
+    )
+    add_option(
+        parser, "max_seq_length", type=int, metavar="N", default=1024, help="truncate longer sequences"
+    )
+    add_option(
+        parser, "micro_batch_size", type=int, metavar="N", default=8, help="sequences per forward pass"
+    )
+    add_option(parser, "train_on_prompt", action="store_true", help="also score prompt tokens")
+    add_option(parser, "device", default="auto", metavar="DEVICE", help="cpu | cuda | auto")
+    add_option(
+        parser,
+        "precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="weight dtype when loading",
+    )
+    add_option(parser, "output_dir", default=None, metavar="DIR", help="also write DIR/eval.json")
+    add_option(parser, "json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
@@ -36,14 +62,17 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.inference import load_for_inference
     from lorakit.train.metrics import perplexity
 
+    pin_threads()
     try:
         source = args.dataset or str(sample_dataset()[1])
-        model, tokenizer = load_for_inference(args.model, args.adapter, device=args.device)
+        model, tokenizer = load_for_inference(
+            args.model, args.adapter, device=args.device, dtype=args.precision
+        )
         records = load_records(source)
         data = tokenize_records(
             records,
             tokenizer,
-            fmt=args.format,
+            fmt=args.dataset_format,
             max_length=args.max_seq_length,
             train_on_prompt=args.train_on_prompt,
             source=source,
@@ -52,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit eval: error: {error}", file=sys.stderr)
         return 1
     loss_sum, tokens = loss_sum_and_tokens(
-        model, data.examples, tokenizer.pad_token_id, batch_size=args.batch_size
+        model, data.examples, tokenizer.pad_token_id, batch_size=args.micro_batch_size
     )
     loss = loss_sum / max(tokens, 1)
     result = {
@@ -62,10 +91,15 @@ def run(args: argparse.Namespace) -> int:
         "loss": loss,
         "perplexity": perplexity(loss),
     }
+    if args.output_dir:
+        from lorakit.cli.output import write_json
+
+        write_json(args.output_dir, "eval.json", result)
     if args.json:
         print(json.dumps(result))
     else:
         print(
-            f"{source}: {len(data.examples)} examples, {tokens:,} tokens, loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
+            f"{source}: {len(data.examples)} examples, {tokens:,} tokens, loss {loss:.4f}, "
+            f"perplexity {perplexity(loss):.2f}"
         )
     return 0

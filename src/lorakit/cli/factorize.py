@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from lorakit.cli.options import SPELLING_NOTE, HelpFormatter, add_option
 from lorakit.lowrank.factorize import (
     INIT_SCHEMES,
     SEED_EXAMPLE_MATRIX,
@@ -30,34 +31,46 @@ def register(subparsers) -> None:
             "compared with the best rank-r error of the SVD (Eckart-Young). Without MATRIX the 4x4 seed "
             "example is used."
         ),
+        epilog=SPELLING_NOTE,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "matrix", nargs="?", help="matrix file: .npy, .csv (comma separated) or .txt (whitespace)"
     )
     settings = SEED_EXAMPLE_SETTINGS
-    parser.add_argument(
-        "--rank", "-r", type=int, default=settings["rank"], help="rank r (default: %(default)s)"
+    add_option(parser, "rank", "-r", type=int, default=settings["rank"], help="rank r (default: %(default)s)")
+    add_option(
+        parser,
+        "lr",
+        "learning_rate",
+        type=float,
+        default=settings["lr"],
+        help="learning rate (default: %(default)s)",
     )
-    parser.add_argument(
-        "--lr", type=float, default=settings["lr"], help="learning rate (default: %(default)s)"
+    add_option(
+        parser, "epochs", type=int, default=settings["epochs"], help="gradient steps (default: %(default)s)"
     )
-    parser.add_argument(
-        "--epochs", type=int, default=settings["epochs"], help="gradient steps (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=settings["seed"], help="random seed (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--init",
+    add_option(parser, "seed", type=int, default=settings["seed"], help="random seed (default: %(default)s)")
+    add_option(
+        parser,
+        "init",
         choices=INIT_SCHEMES,
         default=settings["init"],
         help="normal_zeros: A ~ N(0,1), B = 0 (seed, LoRA); zeros_normal; normal (default: %(default)s)",
     )
-    parser.add_argument(
-        "--log-every", type=int, default=100, help="print the loss every N epochs (default: 100)"
+    add_option(
+        parser, "log_every", type=int, default=100, help="print the loss every N epochs (default: 100)"
     )
-    parser.add_argument("--plot", metavar="PNG", help="write the loss curve to this image file")
-    parser.add_argument("--precision", type=int, default=8, help="digits when printing matrices (default: 8)")
+    add_option(parser, "plot", metavar="PNG", help="write the loss curve to this image file")
+    # Not --precision: across lorakit that names a weight dtype (fp32 | bf16 | fp16).
+    add_option(
+        parser,
+        "digits",
+        "print_precision",
+        type=int,
+        default=8,
+        help="digits when printing matrices (default: 8)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -81,13 +94,13 @@ def run(args: argparse.Namespace) -> int:
     except FactorizationError as error:
         print(f"lorakit factorize: error: {error}", file=sys.stderr)
         return 2
-    _print_summary(result, args.precision)
+    _print_summary(result, args.digits)
     if args.plot:
         return _write_plot(result, args.plot)
     return 0
 
 
-def _print_summary(result: FactorizationResult, precision: int) -> None:
+def _print_summary(result: FactorizationResult, digits: int) -> None:
     print(f"Final loss ||W - AB||_F^2: {result.final_loss:.4f}")
     discarded = ", ".join(f"{s:.4f}" for s in result.singular_values[result.rank :]) or "none"
     print(
@@ -96,7 +109,7 @@ def _print_summary(result: FactorizationResult, precision: int) -> None:
     )
     verdict = "reached the optimum" if result.reached_optimum(rtol=1e-4) else "is above the optimum"
     print(f"Gap to optimum: {result.gap_to_optimum:.4g} (gradient descent {verdict})")
-    with np.printoptions(precision=precision, suppress=True):
+    with np.printoptions(precision=digits, suppress=True):
         print("Approximation A @ B:")
         print(result.approximation)
         print("Target W:")

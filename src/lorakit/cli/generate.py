@@ -1,6 +1,7 @@
 """``lorakit generate``: stream a completion from a base model + adapter (or a merged model).
 
 The prompt goes through the tokenizer's chat template unless ``--raw``; ``--temperature 0`` is greedy.
+With ``--output_dir`` the prompt and completion are also written to ``DIR/generate.json``.
 """
 
 from __future__ import annotations
@@ -8,42 +9,72 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
+from lorakit.cli.threads import pin_threads
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by generate and chat: model, adapter, device and sampling."""
-    parser.add_argument(
-        "--model", default=None, help="base or merged model (default: adapter's base / SmolLM2)"
+    """Options shared by generate and chat: model, adapter, device, dtype, sampling and output folder."""
+    add_option(parser, "model", default=None, help="base or merged model (default: adapter's base / SmolLM2)")
+    add_option(
+        parser, "adapter", default=None, metavar="DIR", help="adapter folder to apply on the base model"
     )
-    parser.add_argument("--adapter", default=None, help="adapter folder to apply on the base model")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy decoding")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--system", default=None, help="system message for the chat template")
+    add_option(parser, "device", default="auto", metavar="DEVICE", help="cpu | cuda | auto")
+    add_option(
+        parser,
+        "precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="weight dtype when loading",
+    )
+    add_option(
+        parser, "max_new_tokens", type=int, metavar="N", default=128, help="tokens to generate per reply"
+    )
+    add_option(parser, "temperature", type=float, metavar="X", default=0.7, help="0 = greedy decoding")
+    add_option(parser, "top_p", type=float, metavar="X", default=0.9, help="nucleus sampling mass")
+    add_option(
+        parser, "top_k", type=int, metavar="N", default=50, help="sample among the k most likely tokens"
+    )
+    add_option(parser, "repetition_penalty", type=float, metavar="X", default=1.0, help="1 = off")
+    add_option(parser, "seed", type=int, metavar="N", default=None, help="seed for sampling")
+    add_option(parser, "system", default=None, metavar="TEXT", help="system message for the chat template")
+    add_option(
+        parser, "output_dir", default=None, metavar="DIR", help="also write the text to a JSON file in DIR"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="generate text with a model + adapter (streams tokens)")
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text with a model + adapter (streams tokens)",
+        description=describe(__doc__),
+        epilog=SPELLING_NOTE,
+        formatter_class=RawDescriptionHelpFormatter,
+    )
     parser.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read from stdin)")
-    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_option(parser, "raw", action="store_true", help="do not apply the chat template")
     add_model_options(parser)
     parser.set_defaults(func=run)
 
 
 def load(args: argparse.Namespace):
-    """``(model, tokenizer)`` or None after printing an error."""
+    """``(model, tokenizer)`` or None after printing an error; pins CPU threads first (see cli.threads)."""
     from lorakit.models import ModelLoadError
     from lorakit.train.inference import load_for_inference
 
+    pin_threads()
     try:
-        return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.dtype)
+        return load_for_inference(args.model, args.adapter, device=args.device, dtype=args.precision)
     except (FileNotFoundError, ValueError, OSError, ModelLoadError) as error:
         print(f"lorakit {args.command}: error: {error}", file=sys.stderr)
         return None
+
+
+def seed_sampling(seed: int | None) -> None:
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
 
 
 def stream_reply(model, tokenizer, text: str, args: argparse.Namespace) -> str:
@@ -75,14 +106,17 @@ def run(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     model, tokenizer = loaded
-    if args.seed is not None:
-        import torch
-
-        torch.manual_seed(args.seed)
+    seed_sampling(args.seed)
     from lorakit.train.samples import render_prompt
 
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
-    stream_reply(model, tokenizer, prompt if args.raw else render_prompt(tokenizer, messages), args)
+    completion = stream_reply(
+        model, tokenizer, prompt if args.raw else render_prompt(tokenizer, messages), args
+    )
+    if args.output_dir:
+        from lorakit.cli.output import write_json
+
+        write_json(args.output_dir, "generate.json", {"prompt": prompt, "completion": completion})
     return 0

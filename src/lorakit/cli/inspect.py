@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from lorakit.cli.options import SPELLING_NOTE, HelpFormatter, add_option
 from lorakit.lowrank.adapter_files import AdapterReadError
 from lorakit.lowrank.analysis import SIDES, AdapterReport, ComparisonReport, compare_adapters, inspect_adapter
 from lorakit.lowrank.spectrum import ENERGY_THRESHOLDS
@@ -18,33 +19,38 @@ def register(subparsers) -> None:
         help="rank analysis of an adapter: spectra of scaling*B@A, effective ranks, or --compare two adapters",
         description=(
             "For every adapted layer: the update delta = scaling * B @ A, its singular values, the number of "
-            "singular values holding 90%% / 99%% of ||delta||_F^2, its stable rank and Frobenius norm. "
+            "singular values holding 90% / 99% of ||delta||_F^2, its stable rank and Frobenius norm. "
             "With --compare, the normalised subspace similarity ||U_i^T V_j||_F^2 / min(i, j) of the two "
             "adapters' top singular directions, per layer (Hu et al. 2021, section 7.2). Reads lorakit and "
-            "Hugging Face PEFT adapter folders (LoRA, rsLoRA, DoRA, AdaLoRA)."
+            "Hugging Face PEFT adapter folders (LoRA, rsLoRA, DoRA, AdaLoRA). Layers are listed in natural "
+            "order (layers.2 before layers.10)."
         ),
+        epilog=SPELLING_NOTE,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--compare", metavar="ADAPTER_B", help="second adapter folder to compare against")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
-    parser.add_argument(
-        "--plot", metavar="PNG", help="write a figure: spectra, or similarity curves with --compare"
+    add_option(parser, "compare", metavar="ADAPTER_B", help="second adapter folder to compare against")
+    add_option(parser, "json", action="store_true", help="print machine-readable JSON instead of tables")
+    add_option(
+        parser, "plot", metavar="PNG", help="write a figure: spectra, or similarity curves with --compare"
     )
-    parser.add_argument(
-        "--thresholds",
+    add_option(
+        parser,
+        "thresholds",
         type=float,
         nargs="+",
         default=list(ENERGY_THRESHOLDS),
         help="energy shares for the effective ranks (default: 0.9 0.99)",
     )
-    parser.add_argument(
-        "--side",
+    add_option(
+        parser,
+        "side",
         choices=SIDES,
         default="input",
         help="with --compare: right (input) or left (output) singular directions (default: input)",
     )
-    parser.add_argument(
-        "--show-singular-values", type=int, default=4, metavar="N", help="singular values per row"
+    add_option(
+        parser, "show_singular_values", type=int, default=4, metavar="N", help="singular values per row"
     )
     parser.set_defaults(func=run)
 

