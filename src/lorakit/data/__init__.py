@@ -1,6 +1,7 @@
 """Training data: reading files, chat formatting with answer-only loss masks, packing and batching.
 
-Pipeline: :func:`load_records` (JSONL/JSON/CSV/Parquet or a ``datasets`` name) -> :func:`tokenize_records`
+Pipeline: :func:`load_records` (JSONL/JSON/CSV/Parquet, or through ``datasets``: a Hub id, a folder, Arrow or
+compressed files; ``column_mapping`` renames columns) -> :func:`tokenize_records`
 (alpaca / messages / ShareGPT / text, the tokenizer's chat template, labels -100 on the prompt) ->
 optional :func:`pack_examples` -> :func:`collate` into padded tensors. See docs/data.md.
 """
@@ -8,6 +9,7 @@ optional :func:`pack_examples` -> :func:`collate` into padded tensors. See docs/
 from pathlib import Path
 
 from lorakit.data.collate import collate, model_inputs
+from lorakit.data.columns import rename_columns
 from lorakit.data.errors import DatasetError, Record
 from lorakit.data.formats import FORMATS, detect_format, record_to_example
 from lorakit.data.packing import pack_examples
@@ -41,6 +43,7 @@ __all__ = [
     "model_inputs",
     "pack_examples",
     "record_to_example",
+    "rename_columns",
     "render_chat",
     "sample_dataset",
     "tokenize_records",

@@ -1,8 +1,11 @@
-"""Reading dataset files into lists of records (dicts): JSON, JSONL, CSV, Parquet, or a HF ``datasets`` name.
+"""Reading dataset files into lists of records (dicts): JSON, JSONL, CSV, Parquet, or through ``datasets``.
 
+Plain ``.jsonl/.json/.csv/.tsv/.parquet`` files are read here, line by line, so errors name the line.
+Hub ids, ``datasets`` folders (``save_to_disk`` output or data files), ``.arrow`` files and compressed
+files (``.jsonl.gz`` ...) go through the Hugging Face ``datasets`` library (:mod:`lorakit.data.hub`).
 Only data formats are read: files that hold pickles (``.bin``, ``.pt``, ``.pkl``, ...) are refused, since
 unpickling an untrusted file runs arbitrary code. Every record is a :class:`~lorakit.data.errors.Record`
-that knows its line (JSONL, CSV) or row (Parquet), so later errors can point at it.
+that knows its line (JSONL, CSV) or row (Parquet, ``datasets``), so later errors can point at it.
 """
 
 from __future__ import annotations
@@ -12,23 +15,39 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lorakit.data.columns import rename_columns
 from lorakit.data.errors import DatasetError, Record
+from lorakit.data.hub import file_builder, load_with_datasets
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 JSON_SUFFIXES = {".json"}
 CSV_SUFFIXES = {".csv", ".tsv"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib"}
-SUPPORTED = ".jsonl, .json, .csv, .tsv, .parquet"
+SUPPORTED = ".jsonl, .json, .csv, .tsv, .parquet (also .gz/.bz2/.xz-compressed), .arrow or a datasets folder"
 
 
-def load_records(source: str | Path, split: str | None = None) -> list[dict]:
-    """All records of a dataset file, or of split ``split`` (default ``train``) of a HF ``datasets`` name.
+def load_records(
+    source: str | Path,
+    split: str | None = None,
+    *,
+    config: str | None = None,
+    column_mapping: dict[str, str] | None = None,
+) -> list[dict]:
+    """All records of split ``split`` (default ``train``) of a file, a ``datasets`` folder or a Hub id.
 
-    Raises :class:`DatasetError` for a malformed line (naming file and line), a row that is not an object,
-    an unsupported or pickle file, or a missing file. An empty result is returned as ``[]``; the
-    tokenizer step reports emptiness, where it knows which role (train/eval) the data has.
+    ``config``: the configuration (subset) of a Hub dataset or folder. ``column_mapping``: columns renamed
+    (``{"question": "instruction"}``) before anything else sees the records. A plain file has one split,
+    ``train``. Raises :class:`DatasetError` for a malformed line (naming file and line), a row that is not
+    an object, an unsupported or pickle file, a missing file, an unknown split (listing the available
+    ones) or a mapping that names a missing column (listing the columns). An empty result is returned as
+    ``[]``; the tokenizer step reports emptiness, where it knows which role (train/eval) the data has.
     """
+    records = _read(source, split, config)
+    return rename_columns(records, column_mapping, str(source)) if column_mapping else records
+
+
+def _read(source: str | Path, split: str | None, config: str | None) -> list[dict]:
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
@@ -36,14 +55,14 @@ def load_records(source: str | Path, split: str | None = None) -> list[dict]:
             f"{source}: refusing to read {suffix} files, which hold pickled Python objects that run code when "
             f"loaded. Convert the data to one of {SUPPORTED}."
         )
-    if path.is_dir():
-        raise DatasetError(f"{source} is a folder; pass a data file ({SUPPORTED}) or a datasets name.")
+    if path.is_dir() or (path.is_file() and file_builder(path) is not None):
+        return load_with_datasets(str(source), split, config)
     if not path.is_file():
         if suffix in JSONL_SUFFIXES | JSON_SUFFIXES | CSV_SUFFIXES | PARQUET_SUFFIXES or str(
             source
         ).startswith((".", "/", "~")):
             raise DatasetError(f"Dataset file not found: {source}")
-        return load_hub_dataset(str(source), split)
+        return load_with_datasets(str(source), split, config)
     readers = {
         **dict.fromkeys(JSONL_SUFFIXES, read_jsonl),
         **dict.fromkeys(JSON_SUFFIXES, read_json),
@@ -52,6 +71,12 @@ def load_records(source: str | Path, split: str | None = None) -> list[dict]:
     }
     if suffix not in readers:
         raise DatasetError(f"{source}: unsupported file type {suffix or '(none)'}; use one of {SUPPORTED}.")
+    if (split or "train") != "train" or config:
+        raise DatasetError(
+            f"{source} is a single file: its only split is 'train' and it has no configurations (asked for "
+            f"split {split or 'train'!r}{f', config {config!r}' if config else ''}). Put held-out data in "
+            "eval_dataset."
+        )
     return readers[suffix](path)
 
 
@@ -149,22 +174,3 @@ def read_parquet(path: Path) -> list[dict]:
     except Exception as error:  # pyarrow raises its own ArrowInvalid / OSError types
         raise DatasetError(f"{path}: not a readable Parquet file ({error}).") from None
     return [Record(row, f"row {i + 1}") for i, row in enumerate(rows)]
-
-
-def load_hub_dataset(name: str, split: str | None = None) -> list[dict]:
-    """Split ``split`` (default ``train``) of a Hugging Face ``datasets`` dataset, imported lazily."""
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetError(
-            f"{name!r} is not an existing file, so it was taken as a Hugging Face datasets name, but the "
-            "package `datasets` is not installed (pip install datasets; it also needs access to the Hub). "
-            f"For local data pass a file path ({SUPPORTED})."
-        ) from None
-    try:
-        dataset = datasets.load_dataset(name, split=split or "train")
-    except Exception as error:  # datasets raises many types (network, missing config, ...)
-        raise DatasetError(
-            f"Could not load the Hugging Face dataset {name!r} (split {split or 'train'}): {error}"
-        ) from None
-    return [Record(dict(row), f"row {i + 1}") for i, row in enumerate(dataset)]

@@ -184,6 +184,20 @@ def save_checkpoint(
     return final
 
 
+def replace_folder(temp: Path, final: Path) -> None:
+    """Make the fully written folder ``temp`` the folder ``final`` (replacing an older one), crash-safely.
+
+    The same protocol as checkpoints: fsync the files, move an existing ``final`` away, one rename.
+    Used for ``best/`` (see :mod:`lorakit.train.early_stopping`), which lives outside ``checkpoints/``
+    so that :func:`prune_checkpoints` never touches it.
+    """
+    _fsync_tree(temp)
+    if final.exists():
+        _discard(final)
+    os.rename(temp, final)
+    _fsync_dir(final.parent)
+
+
 def _discard(folder: Path) -> None:
     trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
     os.rename(folder, trash)

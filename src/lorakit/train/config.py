@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lorakit.train.trackers import resolve_report_to
 
 METHODS = ("lora", "dora", "adalora", "adapter")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -56,11 +59,29 @@ class TrainConfig:
 
     # -- model and data
     model: str | None = _help("Base model: local folder, Hub id or .gguf file; empty = SmolLM2-135M.", None)
-    dataset: str | None = _help("Training data file (JSON/JSONL/CSV/Parquet); empty = bundled sample.", None)
+    dataset: str | None = _help(
+        "Training data: a file (JSON/JSONL/CSV/Parquet, also .json.gz/.jsonl.gz/.arrow), a datasets folder "
+        "(save_to_disk or data files) or a Hugging Face Hub dataset id; empty = bundled sample.",
+        None,
+    )
+    dataset_config: str | None = _help(
+        "Configuration (subset) of a Hub or folder dataset; empty = default.", None
+    )
+    dataset_split: str = _help("Split of dataset to train on.", "train")
     eval_dataset: str | None = _help(
-        "Held-out data file; empty = bundled sample or eval_split of dataset.", None
+        "Held-out data (same kinds as dataset); empty = bundled sample, eval_dataset_split or eval_split.",
+        None,
+    )
+    eval_dataset_split: str | None = _help(
+        "Held-out split: of eval_dataset (empty = train), or of dataset when eval_dataset is empty "
+        "(e.g. validation; empty = hold out eval_split).",
+        None,
     )
     eval_split: float = _help("Fraction of dataset held out when no eval_dataset is given.", 0.05)
+    column_mapping: dict[str, str] | None = _help(
+        "Rename the data's columns to lorakit's before formatting, e.g. question=instruction,response=output.",
+        None,
+    )
     dataset_format: str = _help(f"Record format: {'|'.join(DATASET_FORMATS)}.", "auto")
     train_on_prompt: bool = _help("Also train on prompt tokens (default: only on responses).", False)
     max_seq_length: int = _help("Longer sequences are truncated (and counted in the log).", 256)
@@ -114,6 +135,20 @@ class TrainConfig:
     save_steps: int = _help("Write a checkpoint every N steps (0 = only at the end).", 20)
     save_total_limit: int = _help("Keep the newest K checkpoints.", 2)
     logging_steps: int = _help("Write a metrics line every N steps.", 1)
+    report_to: list[str] | None = _help(
+        "Also log metrics to: none|tensorboard|wandb|mlflow|csv|all (every installed one); see docs/training.md.",
+        None,
+    )
+    early_stopping_patience: int | None = _help(
+        "Stop after N evaluations in a row without held-out improvement; empty = off.", None
+    )
+    early_stopping_threshold: float = _help(
+        "Least decrease of the held-out loss that counts as an improvement.", 0.0
+    )
+    load_best_model_at_end: bool = _help(
+        "Keep the best held-out adapter in best/ and write it as the final adapter (on with early stopping).",
+        False,
+    )
     resume: bool = _help("Continue from the newest complete checkpoint in output_dir.", False)
     overwrite_output_dir: bool = _help(
         "Start over even if output_dir holds checkpoints of an earlier run.", False
@@ -126,6 +161,7 @@ class TrainConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+MAPPING_FIELDS = ("column_mapping",)  # dict-valued: a YAML mapping under these keys is a value, not nesting
 
 
 def field_types() -> dict[str, Any]:
@@ -150,7 +186,7 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
         name = f"{prefix}_{key}" if prefix else str(key)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and normalize_key(name) not in MAPPING_FIELDS:
             flat.update(_flatten(value, name))
         else:
             flat[name] = value
@@ -195,6 +231,8 @@ def coerce_value(key: str, value: Any) -> Any:
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if hint is float:
             return float(value)
+        if typing.get_origin(hint) is dict:
+            return _parse_mapping(key, value)
         if typing.get_origin(hint) is list:
             items = value if isinstance(value, list | tuple) else str(value).split(",")
             return [str(item).strip() for item in items if str(item).strip()]
@@ -204,6 +242,49 @@ def coerce_value(key: str, value: Any) -> Any:
     except (TypeError, ValueError):
         name = getattr(hint, "__name__", str(hint))
         raise ConfigError(f"'{key}' must be {name}, got {value!r}.") from None
+
+
+def _parse_mapping(key: str, value: Any) -> dict[str, str]:
+    """A YAML mapping, a JSON object string, or ``a=b`` / ``a:b`` items (a list or a comma string)."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"'{key}' is not a valid JSON object: {value!r}.") from None
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    mapping: dict[str, str] = {}
+    for item in (str(i).strip() for i in items):
+        separator = "=" if "=" in item else ":"
+        source, found, target = item.partition(separator)
+        if not (found and source.strip() and target.strip()):
+            raise ConfigError(
+                f"'{key}' must map column names, e.g. question=instruction,response=output; got {item!r}."
+            )
+        mapping[source.strip()] = target.strip()
+    return mapping
+
+
+def _validate_run_options(config: TrainConfig) -> None:
+    """Trackers, early stopping and dataset splits."""
+    try:
+        resolve_report_to(config.report_to)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.early_stopping_patience is not None:
+        if config.early_stopping_patience < 1:
+            raise ConfigError(
+                f"'early_stopping_patience' must be >= 1 (or empty for off), got {config.early_stopping_patience}."
+            )
+        if config.eval_steps == 0:
+            raise ConfigError("'early_stopping_patience' needs eval_steps > 0 (it counts evaluations).")
+    if config.early_stopping_threshold < 0:
+        raise ConfigError(f"'early_stopping_threshold' must be >= 0, got {config.early_stopping_threshold}.")
+    if not config.dataset_split.strip():
+        raise ConfigError("'dataset_split' needs a split name such as train.")
+    if config.eval_dataset_split and config.dataset is None and config.eval_dataset is None:
+        raise ConfigError("'eval_dataset_split' needs a dataset (or eval_dataset) with splits.")
 
 
 def _validate(config: TrainConfig) -> None:
@@ -248,6 +329,7 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"'logging_steps' must be >= 1, got {config.logging_steps}.")
     if config.loraplus_lr_ratio is not None and config.loraplus_lr_ratio <= 0:
         raise ConfigError(f"'loraplus_lr_ratio' must be > 0, got {config.loraplus_lr_ratio}.")
+    _validate_run_options(config)
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
@@ -261,6 +343,10 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> Train
     config = TrainConfig(**resolved)
     if config.method == "dora":
         config.use_dora = True
+    if config.report_to is not None:  # "--report_to csv,tensorboard" arrives as one list item
+        config.report_to = [
+            n.strip().lower() for item in config.report_to for n in item.split(",") if n.strip()
+        ]
     _validate(config)
     return config
 

@@ -1,7 +1,8 @@
 """Training and held-out data for a run, through the public ``lorakit.data`` API.
 
-Sources: ``dataset`` (or the bundled sample when empty) and ``eval_dataset``; without an eval file a
-seeded ``eval_split`` fraction of the training records is held out. Examples whose labels carry no
+Sources: ``dataset`` (or the bundled sample when empty; split ``dataset_split``, subset ``dataset_config``)
+and ``eval_dataset`` or the ``eval_dataset_split`` of ``dataset``; without either a seeded ``eval_split``
+fraction of the training records is held out. ``column_mapping`` renames columns of both. Examples whose labels carry no
 trained token after truncation are dropped and counted; an empty result is an error before training.
 """
 
@@ -58,17 +59,39 @@ def _tokenize(
     return kept, stats
 
 
-def prepare_data(config: TrainConfig, tokenizer: Any, say: Callable[[str], None] = print) -> PreparedData:
-    """Load, split, tokenize (and optionally pack) the run's data, reporting truncation counts."""
+def load_sources(config: TrainConfig) -> tuple[list[dict], list[dict] | None, str, str | None]:
+    """(train records, held-out records or None, their source names) as the config asks.
+
+    Held-out data: ``eval_dataset`` (split ``eval_dataset_split``, default train), else split
+    ``eval_dataset_split`` of ``dataset`` (with ``dataset_config``), else None (``eval_split`` is held out).
+    ``column_mapping`` applies to both.
+    """
+    mapping = config.column_mapping
     if config.dataset is None:
         train_path, eval_path = sample_dataset()
         train_source, eval_source = str(train_path), config.eval_dataset or str(eval_path)
+        train = load_records(train_source, column_mapping=mapping)
     else:
         train_source, eval_source = config.dataset, config.eval_dataset
-    train_records = load_records(train_source)
+        train = load_records(
+            train_source, config.dataset_split, config=config.dataset_config, column_mapping=mapping
+        )
     if eval_source is not None:
-        eval_records = load_records(eval_source)
+        held = load_records(eval_source, config.eval_dataset_split, column_mapping=mapping)
+    elif config.eval_dataset_split:
+        eval_source = f"{train_source} (split {config.eval_dataset_split})"
+        held = load_records(
+            train_source, config.eval_dataset_split, config=config.dataset_config, column_mapping=mapping
+        )
     else:
+        held = None
+    return train, held, train_source, eval_source
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any, say: Callable[[str], None] = print) -> PreparedData:
+    """Load, split, tokenize (and optionally pack) the run's data, reporting truncation counts."""
+    train_records, eval_records, train_source, eval_source = load_sources(config)
+    if eval_records is None:
         train_records, eval_records = split_records(train_records, config.eval_split, config.seed)
     train, train_stats = _tokenize(train_records, tokenizer, config, train_source)
     evaluation, eval_stats = (

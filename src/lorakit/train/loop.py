@@ -8,7 +8,9 @@ One optimizer step (see :mod:`lorakit.train.batching` for the math):
 
 Only rank 0 writes files and prints. Every ``save_steps`` a checkpoint is written atomically; with
 ``resume`` the newest complete one restores adapter, optimizer, RNG states and data position, so an
-interrupted run ends with exactly the adapter of an uninterrupted one.
+interrupted run ends with exactly the adapter of an uninterrupted one. Each evaluation feeds early stopping
+and ``best/`` (:mod:`lorakit.train.early_stopping`); each metrics line also goes to the ``report_to``
+trackers (:mod:`lorakit.train.trackers`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lorakit.train.distributed import (
     progress_bars,
     shutdown,
 )
+from lorakit.train.early_stopping import BestAdapter
 from lorakit.train.evaluation import loss_sum_and_tokens
 from lorakit.train.metrics import (
     MetricsLog,
@@ -56,6 +59,7 @@ from lorakit.train.resume import CheckpointMixin, RunState
 from lorakit.train.samples import before_after, print_before_after, record_prompt
 from lorakit.train.schedule import set_learning_rates
 from lorakit.train.setup import Plan, autocast_context, build_optimizer, load_base, make_plan, seed_everything
+from lorakit.train.trackers import Trackers, open_trackers
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,6 +94,8 @@ class Trainer(CheckpointMixin):
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=context.is_main)
         self.state = RunState()
+        self.best = BestAdapter.from_config(config, self.output_dir, context.is_main)
+        self.trackers = Trackers()
         self.bar: tqdm | None = None
         self._orders: dict[int, list[int]] = {}
         self.started = time.perf_counter()
@@ -257,6 +263,7 @@ class Trainer(CheckpointMixin):
             }
             self.metrics.write(record)
             self.say(f"step {self.state.step}: held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+            self.best.observe(self.state.step, loss, self.model)
         return loss
 
     # --------------------------------------------------------------------------------------------- run
@@ -269,12 +276,26 @@ class Trainer(CheckpointMixin):
             (self.output_dir / "config.yaml").write_text(config_to_yaml(self.config), encoding="utf-8")
         barrier(self.context)
         resumed = self.config.resume and self.resume()
-        if not resumed:
-            if self.context.is_main and self.metrics.path.exists():
-                self.metrics.path.unlink()
-            self.state.eval_loss_start = self.log_eval()
-        self.train_loop()
-        return self.finish()
+        if not resumed and self.context.is_main and self.metrics.path.exists():
+            self.metrics.path.unlink()
+        self._start_tracking(resumed)
+        try:
+            if not resumed:
+                self.state.eval_loss_start = self.log_eval()
+            self.train_loop()
+            result = self.finish()
+        except BaseException:
+            self.trackers.close(failed=True)
+            raise
+        self.trackers.close()
+        return result
+
+    def _start_tracking(self, resumed: bool) -> None:
+        """Early-stopping state (replayed from the kept metrics on resume) and the report_to trackers."""
+        resume_step = self.state.step if resumed else None
+        self.best.start(bool(self.data.eval), self.metrics.path, resume_step)
+        self.trackers = open_trackers(self.config, enabled=self.context.is_main, resume_step=resume_step)
+        self.metrics.listeners.append(self.trackers.log_record)
 
     def train_loop(self) -> None:
         config, plan = self.config, self.plan
@@ -282,7 +303,7 @@ class Trainer(CheckpointMixin):
             total=plan.total_steps, initial=self.state.step, desc="train", disable=not self.context.is_main
         )
         try:
-            while self.state.step < plan.total_steps:
+            while self.state.step < plan.total_steps and not self.best.should_stop:
                 started = time.perf_counter()
                 stats = self.train_step(self.micro_batches(self.state.step))
                 elapsed = time.perf_counter() - started
@@ -295,7 +316,10 @@ class Trainer(CheckpointMixin):
                     and self.state.step % config.eval_steps == 0
                     and self.state.step < plan.total_steps
                 ):
-                    self.log_eval()
+                    loss = self.log_eval()
+                    if self.best.should_stop:  # the final checkpoint below then holds eval_loss_end
+                        self.state.eval_loss_end = loss
+                        self.say(self.best.stop_message())
                 if config.save_steps and self.state.step % config.save_steps == 0:
                     self.save()
         finally:
@@ -324,6 +348,7 @@ class Trainer(CheckpointMixin):
             self.state.eval_loss_end = self.log_eval()
         if self.config.save_steps == 0 or self.state.step % self.config.save_steps != 0:
             self.save()
+        self.best.restore(self.model)  # after the final checkpoint, which keeps the last state for resume
         adapter_dir = self.output_dir / "adapter"
         result = TrainResult(self.output_dir, adapter_dir)
         if self.context.is_main:
@@ -359,6 +384,7 @@ class Trainer(CheckpointMixin):
             "eval_loss_start": self.state.eval_loss_start,
             "eval_loss_end": self.state.eval_loss_end,
             "world_size": self.context.world_size,
+            **self.best.summary(),
         }
 
     def _samples(self) -> list[dict[str, str]]:

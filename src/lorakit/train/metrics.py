@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,16 @@ import torch
 
 
 class MetricsLog:
-    """Append-only JSONL writer; a no-op on ranks other than 0 (``enabled=False``)."""
+    """Append-only JSONL writer; a no-op on ranks other than 0 (``enabled=False``).
+
+    ``listeners`` (e.g. :meth:`lorakit.train.trackers.Trackers.log_record`) get every record written, so
+    experiment trackers see exactly the numbers and steps of the file.
+    """
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
         self.enabled = enabled
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -34,6 +40,8 @@ class MetricsLog:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        for listener in self.listeners:
+            listener(record)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -82,5 +90,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"held-out loss: {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}  "
             f"(perplexity {perplexity(summary['eval_loss_start']):.2f} -> {perplexity(summary['eval_loss_end']):.2f})"
+        )
+    if summary.get("best_step") is not None:
+        stopped = f"; stopped early at step {summary['steps']}" if summary.get("stopped_early") else ""
+        lines.append(
+            f"best held-out loss: {summary['best_eval_loss']:.4f} at step {summary['best_step']}"
+            f" (the saved adapter){stopped}"
         )
     return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Early stopping on the held-out loss, and the best adapter kept in ``<output_dir>/best/``.
+
+The rule is that of transformers' ``EarlyStoppingCallback``: an evaluation during training is an
+improvement when ``eval_loss < best_loss - early_stopping_threshold``; after ``early_stopping_patience``
+evaluations in a row without one, the run stops. The evaluation at step 0 (the untrained adapter, which
+leaves the base model unchanged) is the baseline shown in the log, not a candidate: the best adapter is
+always a trained one. A NaN or infinite held-out loss never improves.
+
+With ``early_stopping_patience`` or ``load_best_model_at_end``, rank 0 writes ``best/`` at every
+improvement: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format),
+``trainable.safetensors`` (every trainable parameter by name) and ``best.json`` (step, held-out loss).
+It sits outside ``checkpoints/``, so ``save_total_limit`` never prunes it, and is replaced atomically
+(:func:`lorakit.train.checkpoint.replace_folder`). At the end the best parameters are loaded back into the
+model after the final checkpoint is written: the final ``adapter/`` (bit-identical to ``best/``), the
+summary and the before/after samples are the best adapter's, while the final checkpoint keeps the last
+state for ``--resume``.
+
+Resume needs no extra saved state: the early-stopping counters are replayed from the eval lines of
+``metrics.jsonl``, which resume truncates to the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.config import ConfigError, TrainConfig
+from lorakit.train.metrics import read_metrics
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+@dataclass
+class EarlyStopping:
+    """The counters: best loss and step so far, evaluations since the last improvement."""
+
+    patience: int | None = None
+    threshold: float = 0.0
+    best_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Count one evaluation; True when it is the new best."""
+        if math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss - self.threshold):
+            self.best_loss, self.best_step, self.evals_without_improvement = loss, step, 0
+            return True
+        self.evals_without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.evals_without_improvement >= self.patience
+
+
+def save_best(model: nn.Module, folder: Path, step: int, loss: float) -> None:
+    """Write ``best/`` (adapter, trainable parameters, ``best.json``) in a temp folder, then rename."""
+    temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    model.save_pretrained(str(temp))
+    save_file(ckpt.trainable_state(model), str(temp / TRAINABLE_FILE))
+    ckpt.write_json(temp / BEST_FILE, {"step": step, "eval_loss": loss})
+    ckpt.replace_folder(temp, folder)
+
+
+def read_best(folder: Path) -> dict[str, Any] | None:
+    """``best.json`` of a complete ``best/`` folder, or None."""
+    try:
+        info = json.loads((folder / BEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if (folder / TRAINABLE_FILE).is_file() else None
+
+
+class BestAdapter:
+    """Early stopping plus the ``best/`` folder for one run (a no-op when both options are off)."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        patience: int | None = None,
+        threshold: float = 0.0,
+        keep_best: bool = False,
+        is_main: bool = True,
+    ) -> None:
+        self.enabled = keep_best or patience is not None
+        self.folder = output_dir / BEST_DIR
+        self.stopping = EarlyStopping(patience, threshold)
+        self.is_main = is_main
+        self.restored: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, output_dir: Path, is_main: bool) -> BestAdapter:
+        return cls(
+            output_dir,
+            patience=config.early_stopping_patience,
+            threshold=config.early_stopping_threshold,
+            keep_best=config.load_best_model_at_end,
+            is_main=is_main,
+        )
+
+    def start(self, has_eval_data: bool, metrics_path: Path, resume_step: int | None) -> None:
+        """Before the first step. A fresh run (``resume_step`` None) drops an old ``best/``; a run resumed
+        from the checkpoint of ``resume_step`` replays the eval lines of ``metrics_path`` up to that step
+        (other ranks may read the file before rank 0 has truncated it, hence the filter on the step)."""
+        if not self.enabled:
+            return
+        if not has_eval_data:
+            raise ConfigError(
+                "early_stopping_patience / load_best_model_at_end need held-out data: set eval_dataset, "
+                "eval_dataset_split or eval_split > 0."
+            )
+        if self.is_main:
+            for stale in self.folder.parent.glob(f".tmp-{BEST_DIR}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if resume_step is None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+        if resume_step is not None:
+            for record in read_metrics(metrics_path):
+                if record.get("eval_loss") is not None and 0 < record["step"] <= resume_step:
+                    self.stopping.update(record["step"], record["eval_loss"])
+
+    def observe(self, step: int, loss: float | None, model: nn.Module) -> bool:
+        """Count the evaluation at ``step``; on a new best, rank 0 writes ``best/``."""
+        if not self.enabled or loss is None or step == 0:
+            return False
+        improved = self.stopping.update(step, loss)
+        if improved and self.is_main:
+            save_best(model, self.folder, step, loss)
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.enabled and self.stopping.should_stop
+
+    def stop_message(self) -> str:
+        stopping = self.stopping
+        return (
+            f"early stopping: no held-out improvement in {stopping.patience} evaluation(s); "
+            f"best loss {stopping.best_loss:.4f} at step {stopping.best_step}"
+        )
+
+    def restore(self, model: nn.Module) -> dict[str, Any] | None:
+        """Rank 0: load ``best/``'s trainable parameters into ``model``; returns ``best.json`` or None."""
+        if not (self.enabled and self.is_main):
+            return None
+        info = read_best(self.folder)
+        if info is not None:
+            ckpt.load_trainable_state(model, load_file(str(self.folder / TRAINABLE_FILE)))
+        self.restored = info
+        return info
+
+    def summary(self) -> dict[str, Any]:
+        """Summary keys: ``best_step``, ``best_eval_loss``, ``stopped_early`` (empty when off)."""
+        if not self.enabled:
+            return {}
+        info = self.restored or {"step": self.stopping.best_step, "eval_loss": self.stopping.best_loss}
+        return {
+            "best_step": info["step"],
+            "best_eval_loss": info["eval_loss"],
+            "stopped_early": self.stopping.should_stop,
+        }
