@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lorakit.layers import Conv1D, LoraLayer, is_supported, make_lora_layer
+from lorakit.mha_layer import MultiheadAttention
 
 ALL_LINEAR = "all-linear"
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -127,11 +128,15 @@ def find_targets(model: nn.Module, config) -> list[str]:
             "or target_modules='all-linear'."
         )
     output_heads = _output_head_names(model)
+    attention_outputs = _attention_out_projections(model)
     names, unsupported = [], []
     for name, module in model.named_modules():
         if not name or isinstance(module, ModulesToSaveWrapper) or _inside_wrapper(name):
             continue
         if not is_target(name, config, output_heads):
+            continue
+        if name in attention_outputs:
+            _check_attention_out_projection(name, config, output_heads)
             continue
         if isinstance(module, LoraLayer):  # already wrapped: a further adapter goes on the same layer
             module = module.base_layer
@@ -146,7 +151,8 @@ def find_targets(model: nn.Module, config) -> list[str]:
         name, kind = unsupported[0]
         raise TypeError(
             f"Target module {name!r} is a {kind}, which LoRA cannot wrap (supported: Linear, Conv1D, Embedding, "
-            f"Conv2d, 4-bit Linear). Target its layers instead, e.g. one of: {_examples(model, 8, linear=True)}."
+            f"Conv1d/2d/3d, MultiheadAttention, 4-bit Linear). Target its layers instead, e.g. one of: "
+            f"{_examples(model, 8, linear=True)}."
         )
     _check_every_target_exists(model, config)
     if not names:
@@ -155,6 +161,29 @@ def find_targets(model: nn.Module, config) -> list[str]:
             f"Some module names that exist: {_examples(model, 12)}."
         )
     return names
+
+
+def _attention_out_projections(model: nn.Module) -> set[str]:
+    """Names of the ``out_proj`` of each (unwrapped) ``nn.MultiheadAttention``."""
+    return {
+        f"{name}.out_proj"
+        for name, module in model.named_modules()
+        if name and isinstance(module, nn.MultiheadAttention) and not _inside_wrapper(name)
+    }
+
+
+def _check_attention_out_projection(name: str, config, output_heads: set[str]) -> None:
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``: a LoRA layer there would
+    never run. Its attention module's LoRA layer adapts it; targeting it alone is an error ("all-linear" skips it).
+    """
+    attention = name.rpartition(".")[0]
+    if config.target_modules == ALL_LINEAR or is_target(attention, config, output_heads):
+        return
+    raise ValueError(
+        f"Target module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight without "
+        f"calling it, so a LoRA layer there would never run. Target the attention module {attention!r} instead: "
+        f"LoRA on it adapts both in_proj and out_proj."
+    )
 
 
 def _inside_wrapper(name: str) -> bool:
@@ -247,9 +276,20 @@ def inject_modules_to_save(model: nn.Module, module_names: list[str] | None, ada
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield name, module
+    """Every LoRA layer, one nested in another (a MultiheadAttention's out_proj) before its owner.
+
+    Inner first, so that a loop merging (or unmerging) layer by layer does the inner layer itself and its owner,
+    which also drives it, finds it done. Loops over parameters see every adapter weight in its own layer.
+    """
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    names = {name for name, _ in layers}
+    yield from sorted(layers, key=lambda item: -_owner_count(item[0], names))  # stable: model order otherwise
+
+
+def _owner_count(name: str, layer_names: set[str]) -> int:
+    """How many of ``layer_names`` contain module ``name``."""
+    parts = name.split(".")
+    return sum(".".join(parts[:i]) in layer_names for i in range(1, len(parts)))
 
 
 def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
@@ -260,8 +300,14 @@ def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]
 
 def replace_with_base(model: nn.Module, merge: bool, safe_merge: bool = False) -> nn.Module:
     """Remove every wrapper: LoRA layers become their base (merged or not); save-wrappers their trained copy."""
-    for name, layer in list(lora_layers(model)):
-        if merge:
+    layers = list(lora_layers(model))
+    names = {name for name, _ in layers}
+    for name, layer in layers:
+        if _owner_count(name, names):
+            continue  # its owner puts it back
+        if isinstance(layer, MultiheadAttention):  # also puts its plain out_proj back
+            replacement = layer.unwrap(merge=merge, safe_merge=safe_merge)
+        elif merge:
             replacement = _merged_base(layer, safe_merge)
         else:
             if layer.merged:

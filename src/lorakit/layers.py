@@ -11,7 +11,8 @@ so the wrapped model starts exactly at the base model. With DoRA (Liu et al. 202
     h = (m / n - 1) * (W0 x) + (m / n) * s * B A x + bias,    n = ||W0 + s BA||_row  (no gradient)
 
 Parameter names (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``, ``lora_magnitude_vector.<adapter>.weight``)
-are PEFT's, so state dicts convert to PEFT's files by dropping the adapter name.
+are PEFT's, so state dicts convert to PEFT's files by dropping the adapter name. The convolution layers live in
+:mod:`lorakit.conv_layers` and the ``nn.MultiheadAttention`` layer in :mod:`lorakit.mha_layer`.
 """
 
 from __future__ import annotations
@@ -96,6 +97,17 @@ class LoraLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """PEFT's ``BaseTunerLayer.adapter_layer_names``: this layer's containers of adapter weights."""
+        return tuple(name for name in ADAPTER_ATTRIBUTES if isinstance(getattr(self, name, None), nn.Module))
+
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """PEFT's ``other_param_names``: per-adapter attributes that are not weights (dicts keyed by adapter)."""
+        names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "ranknum")
+        return tuple(name for name in names if hasattr(self, name))
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight as a tensor (dequantized for 4-bit base layers)."""
@@ -204,7 +216,9 @@ class LoraLayer(nn.Module):
         if not self.use_dora.get(name):
             return (weight.float() + delta.float()).to(weight.dtype)
         combined = self._to_rows(weight.float()) + self._to_rows(delta.float())
-        factor = self.lora_magnitude_vector[name].weight.detach().float() / torch.linalg.norm(combined, dim=1)
+        # flattened: a conv's magnitude is stored (1, out, 1, ...)
+        magnitude = self.lora_magnitude_vector[name].weight.detach().float().reshape(-1)
+        factor = magnitude / torch.linalg.norm(combined, dim=1)
         self._dora_merge_factor[name] = factor
         return self._from_rows(combined * factor[:, None], weight).to(weight.dtype)
 
@@ -430,68 +444,9 @@ class Embedding(LoraLayer):
         return update.reshape(*input_ids.shape, self.out_features)
 
 
-class Conv2d(LoraLayer):
-    """LoRA over ``nn.Conv2d``: A is a conv with the base kernel (in -> r), B a 1x1 conv (r -> out)."""
-
-    def __init__(self, base_layer: nn.Conv2d):
-        if base_layer.groups != 1:
-            raise ValueError(
-                f"LoRA supports Conv2d with groups=1 only; this layer has groups={base_layer.groups}."
-            )
-        super().__init__(base_layer)
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-
-    def update_layer(self, name, r, lora_alpha, lora_dropout, init, use_rslora=False, use_dora=False):
-        if use_dora:
-            raise ValueError("DoRA is supported on Linear, Conv1D and Embedding layers, not on Conv2d.")
-        super().update_layer(name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora)
-
-    def _create_weights(self, name, r, dtype, device):
-        base = self.base_layer
-        self.lora_A[name] = nn.Conv2d(
-            self.in_features,
-            r,
-            base.kernel_size,
-            base.stride,
-            base.padding,
-            base.dilation,
-            bias=False,
-            dtype=dtype,
-            device=device,
-        )
-        self.lora_B[name] = nn.Conv2d(r, self.out_features, 1, 1, bias=False, dtype=dtype, device=device)
-
-    def _init_weights(self, name, init):
-        Linear._init_weights(self, name, init)
-
-    def delta_weight(self, name):
-        weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight  # (r,in,kh,kw), (out,r,1,1)
-        delta = torch.einsum("or,rikl->oikl", weight_B[:, :, 0, 0], weight_A)
-        return delta * self.scaling[name]
-
-    def _to_rows(self, weight):
-        return weight.reshape(weight.shape[0], -1)
-
-    def _from_rows(self, rows, like):
-        return rows.reshape(like.shape)
-
-    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        if self.row_adapters is not None:
-            raise ValueError(
-                "Mixed-adapter batches (adapter_names) are supported on Linear and Embedding layers only."
-            )
-        for name in self._adapters_to_run():
-            x_adapter = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
-            update = self.lora_B[name](self.lora_A[name](x_adapter)) * self.scaling[name]
-            result = result + update.to(result.dtype)
-        return result
-
-
 def is_supported(module: nn.Module) -> bool:
     return (
-        isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d))
+        isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention))
         or (Conv1D is not None and isinstance(module, Conv1D))
         or is_quantized_linear(module)
     )
@@ -504,6 +459,10 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 def make_lora_layer(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
     """Pick the wrapper for ``module``'s type (PEFT's dispatch); raises for types LoRA cannot wrap."""
+    # Imported here: those modules build on LoraLayer, so importing them at the top would be circular.
+    from lorakit.conv_layers import CONV_LAYERS
+    from lorakit.mha_layer import MultiheadAttention
+
     if Conv1D is not None and isinstance(module, Conv1D):
         return Linear(module, fan_in_fan_out=True)
     if isinstance(module, nn.Linear):
@@ -516,9 +475,22 @@ def make_lora_layer(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
         return Linear(module, fan_in_fan_out=False)
     if isinstance(module, nn.Embedding):
         return Embedding(module)
-    if isinstance(module, nn.Conv2d):
-        return Conv2d(module)
+    for conv_type, layer_cls in CONV_LAYERS.items():
+        if isinstance(module, conv_type):
+            return layer_cls(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return MultiheadAttention(module)
     raise TypeError(
         f"{type(module).__name__} is not a layer LoRA can wrap; supported: nn.Linear, transformers Conv1D, "
-        f"nn.Embedding, nn.Conv2d and lorakit's 4-bit Linear. Target its Linear sub-layers instead."
+        f"nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and lorakit's 4-bit Linear. Target its Linear "
+        f"sub-layers instead."
     )
+
+
+def __getattr__(name: str):
+    # The conv layers moved to lorakit.conv_layers; ``from lorakit.layers import Conv2d`` keeps working.
+    if name in ("Conv1d", "Conv2d", "Conv3d"):
+        from lorakit import conv_layers
+
+        return getattr(conv_layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
