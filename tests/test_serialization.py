@@ -92,4 +92,4 @@ def test_pickle_with_code_is_refused_even_when_allowed(saved):
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(saved):
-    assert sorted(p.name for p in saved.iterdir()) == ["adapter_config.json", WEIGHTS_NAME]
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "adapter_config.json", WEIGHTS_NAME]

@@ -84,8 +84,17 @@ _PEFT_KEYS_AT_DEFAULT: dict[str, Any] = {
 _PEFT_KEYS_IGNORED = {"peft_version", "auto_mapping", "revision", "megatron_core", "runtime_config"}
 
 
-class ConfigFile:
-    """``adapter_config.json`` for a config dataclass with a ``peft_type`` field: PEFT's keys and layout."""
+class PeftConfig:
+    """Base of every adapter config (PEFT's ``PeftConfig``): ``adapter_config.json`` with PEFT's keys and layout.
+
+    Subclasses are dataclasses with a ``peft_type`` field. ``PeftConfig.from_pretrained(folder)`` reads any
+    adapter folder and returns the config class its ``peft_type`` names (``LoraConfig``, ``AdaLoraConfig``, ...);
+    ``LoraConfig.from_pretrained(folder)`` insists on that class.
+    """
+
+    # PEFT's flags for prompt-learning methods, read by transformers' Trainer and TRL; lorakit has none.
+    is_prompt_learning = False
+    is_adaption_prompt = False
 
     # ----------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -94,12 +103,23 @@ class ConfigFile:
         data["task_type"] = self.task_type.value if self.task_type is not None else None
         return data
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` atomically (temporary file, then rename)."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, auto_mapping_dict: dict | None = None, **_ignored
+    ) -> None:
+        """Write ``adapter_config.json`` atomically (temporary file, then rename).
+
+        ``auto_mapping_dict`` (PEFT's: the base model's class and library, for a config without task type) is
+        written under ``auto_mapping``; other keyword arguments (PEFT's Hub options) are ignored.
+        """
         path = Path(directory) / CONFIG_NAME
+        if path.parent.is_file():
+            raise ValueError(f"{path.parent} is a file; save_pretrained needs a folder path.")
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        if auto_mapping_dict is not None:
+            data["auto_mapping"] = auto_mapping_dict
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
 
     @classmethod
@@ -139,23 +159,79 @@ class ConfigFile:
         return cls.__dataclass_fields__["peft_type"].default.value
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike):
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No {CONFIG_NAME} in {directory}: is this an adapter folder written by save_pretrained?"
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None, **hub_kwargs):
+        """Read ``adapter_config.json`` from a folder (or ``folder/subfolder``, or a Hugging Face Hub repo).
+
+        On ``PeftConfig`` itself the class is chosen from the file's ``peft_type``; on a subclass the file must be
+        of that subclass's type. ``hub_kwargs`` (``revision``, ``token``, ``cache_dir``) go to the Hub download.
+        """
+        path = config_file_path(directory, subfolder, **hub_kwargs)
+        if cls is PeftConfig:
+            return load_config(path.parent)
+        return cls.from_dict(_read_config_json(path))
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **_ignored) -> dict[str, Any]:
+        """The JSON object of a config file as a dict, as PEFT returns it (a ``runtime_config`` key is dropped)."""
+        data = _read_config_json(Path(path_json_file))
+        if "runtime_config" in data:
+            warnings.warn(
+                "The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations "
+                "are only valid at runtime.",
+                stacklevel=2,
             )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt.") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
-        return cls.from_dict(data)
+            del data["runtime_config"]
+        return data
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """Build the config class named by ``kwargs["peft_type"]`` (or ``cls`` without one) from its fields."""
+        peft_type = kwargs.get("peft_type")
+        if peft_type is None:
+            return cls.from_dict(kwargs)
+        return config_class_for(str(getattr(peft_type, "value", peft_type))).from_dict(kwargs)
+
+
+ConfigFile = PeftConfig  # the name this base class had before it took PEFT's
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG_NAME} in {path.parent}: is this an adapter folder written by save_pretrained?"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+    return data
+
+
+def config_file_path(directory: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> Path:
+    """``<directory>[/<subfolder>]/adapter_config.json``: a local file, or downloaded from the Hub."""
+    local = Path(directory) / subfolder if subfolder else Path(directory)
+    if local.is_dir() or local.exists() or not looks_like_repo_id(str(directory)):
+        return local / CONFIG_NAME
+    try:
+        from huggingface_hub import hf_hub_download
+
+        allowed = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir")}
+        return Path(hf_hub_download(str(directory), CONFIG_NAME, subfolder=subfolder, **allowed))
+    except Exception as error:  # noqa: BLE001 - network, auth and missing-repo errors all end here
+        raise FileNotFoundError(
+            f"{directory} is not a local folder and its {CONFIG_NAME} could not be fetched from the Hugging Face "
+            f"Hub ({error})."
+        ) from None
+
+
+def looks_like_repo_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/"))
 
 
 @dataclass
-class LoraConfig(ConfigFile):
+class LoraConfig(PeftConfig):
     """Configuration of a LoRA adapter (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
 
     A wrapped layer computes ``h = W0 x + scaling * B A dropout(x)`` with ``A`` (r x in), ``B`` (out x r) and
@@ -182,6 +258,7 @@ class LoraConfig(ConfigFile):
         rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha, keyed by name or regex.
         inference_mode: freeze everything (adapters loaded for inference).
         base_model_name_or_path: the model the adapter was trained on (filled in when saving).
+        revision: the revision (branch, tag or commit) of that base model, if not the default.
     """
 
     task_type: TaskType | str | None = None
@@ -202,6 +279,7 @@ class LoraConfig(ConfigFile):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
+    revision: str | None = None
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
 
     def __post_init__(self) -> None:
@@ -252,10 +330,15 @@ def load_config(directory: str | os.PathLike) -> LoraConfig:
             peft_type = json.loads(path.read_text()).get("peft_type", peft_type)
         except (json.JSONDecodeError, AttributeError):
             pass  # LoraConfig.from_pretrained reports the corrupt file
+    return config_class_for(peft_type, where=str(path)).from_pretrained(directory)
+
+
+def config_class_for(peft_type: str, where: str = "config") -> type:
+    """The registered config class whose ``peft_type`` is ``peft_type`` (``"LORA"``, ``"ADALORA"``, ...)."""
     for config_cls in registered_config_classes():
         if config_cls.peft_type_name() == peft_type:
-            return config_cls.from_pretrained(directory)
-    raise ValueError(f"{path}: adapter type {peft_type!r} is not supported by lorakit.")
+            return config_cls
+    raise ValueError(f"{where}: adapter type {peft_type!r} is not supported by lorakit.")
 
 
 _CONFIG_CLASSES: list[type[LoraConfig]] = [LoraConfig]

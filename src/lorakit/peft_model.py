@@ -3,7 +3,8 @@
 ``PeftModel(model)`` behaves like ``model`` (forward, generate, config, ``.to(device)``) and adds the adapter
 operations. Its parameters are named ``base_model.model.<path>`` as in PEFT, and its folders are PEFT's:
 ``adapter_config.json`` + ``adapter_model.safetensors``, the ``default`` adapter at the top of the folder and any
-other adapter in a sub-folder named after it.
+other adapter in a sub-folder named after it, with a ``README.md`` model card. Saving and loading live in
+:mod:`lorakit.saving`, the state-dict functions in :mod:`lorakit.state_dict`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import contextlib
 import inspect
 import os
 import types
+import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from lorakit.config import LoraConfig, PeftType, load_config
-from lorakit.serialization import (
-    adapter_state_dict,
-    load_adapter_weights,
-    load_into_model,
-    save_adapter_weights,
+from lorakit.config import LoraConfig, PeftConfig, PeftType, load_config
+from lorakit.saving import (
+    PICKLE_REFUSED,
+    load_peft_weights,
+    resolve_adapter_dir,
+    save_adapters,
 )
+from lorakit.serialization import load_into_model
 from lorakit.tuner import LoraModel
+
+__all__ = ["PeftModel", "get_peft_model", "register_tuner", "resolve_adapter_dir"]
 
 # Tuner class per method; AdaLoRA and the bottleneck Adapter register theirs (see lorakit.config).
 TUNERS: dict[PeftType, type[nn.Module]] = {PeftType.LORA: LoraModel}
@@ -40,18 +45,35 @@ def _base_model_name(model: nn.Module) -> str | None:
 
 
 class PeftModel(nn.Module):
-    """A model with adapters. Attribute access falls through to the wrapped model (``model.config`` etc.)."""
+    """A model with adapters. Attribute access falls through to the wrapped model (``model.config`` etc.).
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
+    ``autocast_adapter_dtype=False`` gives adapter weights their base weight's dtype (default: float32 over a
+    float16 / bfloat16 base). ``low_cpu_mem_usage`` is accepted for PEFT's signature; lorakit's adapters are small
+    and always created with real weights, so it changes nothing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ):
         super().__init__()
         if isinstance(model, PeftModel):
             raise ValueError("This model already has adapters; use add_adapter() to add another one.")
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(
+                f"peft_config must be a lorakit config (LoraConfig, ...), got {type(peft_config).__name__}."
+            )
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _base_model_name(model)
         tuner_cls = TUNERS.get(peft_config.peft_type)
         if tuner_cls is None:
             raise ValueError(f"No tuner registered for {peft_config.peft_type}.")
         self.base_model = tuner_cls(model, peft_config, adapter_name)
+        self.base_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self.forward = types.MethodType(_forward_with_signature_of(model), self)
 
     def __getattr__(self, name: str):
@@ -83,6 +105,10 @@ class PeftModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model itself (with the LoRA layers in it)."""
@@ -118,19 +144,36 @@ class PeftModel(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------- adapters
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Inject a new, untrained adapter; it does not become active (``set_adapter`` does that)."""
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _base_model_name(self.get_base_model())
         self.base_model.add_adapter(adapter_name, peft_config)
+        self.base_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter (a list: several, whose updates add up).
+
+        Its weights train unless ``inference_mode`` is true or it was loaded with ``is_trainable=False``.
+        """
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients on (or off) for the named adapters' weights, active or not."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block (see :meth:`lorakit.tuner.BaseTuner.disable_adapter`)."""
         with self.base_model.disable_adapter():
             yield
 
@@ -141,6 +184,7 @@ class PeftModel(nn.Module):
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the adapters into the weights and return the plain model; this PeftModel is then spent."""
         return self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
@@ -150,35 +194,40 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
         selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
-        **_ignored,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs,
     ) -> None:
-        """Write each adapter's config and weights; ``default`` at the top, others in ``<dir>/<name>/``."""
-        if not is_main_process:
-            return
-        root = Path(save_directory)
-        if root.exists() and not root.is_dir():
-            raise ValueError(f"{root} is a file; save_pretrained needs a folder path.")
-        names = selected_adapters or list(self.peft_config)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"Unknown adapter(s) {unknown}; existing: {list(self.peft_config)}.")
-        for name in names:
-            config = self.peft_config[name]
-            directory = root if name == "default" else root / name
-            tensors = adapter_state_dict(self, name, config.bias)
-            finalize = getattr(
-                self.base_model, "adapter_tensors_for_saving", None
-            )  # AdaLoRA: drop pruned ranks
-            if finalize is not None:
-                tensors = finalize(tensors, name)
-            save_adapter_weights(tensors, directory)
-            saved_mode, config.inference_mode = config.inference_mode, True
-            try:
-                config.save_pretrained(directory)
-            finally:
-                config.inference_mode = saved_mode
+        """Write each adapter's config and weights; ``default`` at the top, others in ``<dir>/<name>/``.
+
+        ``state_dict`` (a keyword, as transformers' Trainer passes it): take the adapter tensors from this full
+        state dict of the model (possibly gathered from a DDP / FSDP / DeepSpeed wrapper, whose key infixes are
+        understood) instead of from the live modules. ``save_embedding_layers=True`` also saves the input and
+        output embeddings in full. Other keyword arguments (PEFT's Hub options) are ignored.
+        """
+        if not safe_serialization:
+            raise ValueError(PICKLE_REFUSED)
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError(
+                "path_initial_model_for_weight_conversion converts PiSSA / CorDA / OLoRA adapters to plain LoRA; "
+                "lorakit has none of those initialisations, so its adapters are plain LoRA already."
+            )
+        save_adapters(
+            self,
+            save_directory,
+            selected_adapters,
+            save_embedding_layers,
+            is_main_process,
+            state_dict=kwargs.get("state_dict"),
+        )
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        from lorakit.model_card import create_or_update_model_card
+
+        create_or_update_model_card(self, output_dir)
 
     @classmethod
     def from_pretrained(
@@ -188,15 +237,34 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         allow_pickle: bool = False,
-        **_ignored,
+        **kwargs,
     ) -> PeftModel:
-        """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder, or a Hub repo id)."""
-        directory = resolve_adapter_dir(model_id)
+        """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder, or a Hub repo id).
+
+        Unless ``is_trainable``, the adapter is frozen and the model is put in eval mode (dropout off), as in
+        PEFT. Loading is strict: a missing, unexpected or mis-shaped tensor raises, naming the key.
+        """
+        directory = resolve_adapter_dir(model_id, **kwargs)
+        if config is not None and not isinstance(config, PeftConfig):
+            raise ValueError(f"The input config must be a PeftConfig, got {type(config).__name__}.")
         config = config if config is not None else load_config(directory)
         config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(directory, adapter_name, allow_pickle)
+        if key_mapping is None:
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_model.load_adapter(
+            directory,
+            adapter_name,
+            is_trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            key_mapping=key_mapping,
+            allow_pickle=allow_pickle,
+        )
         return peft_model
 
     def load_adapter(
@@ -204,25 +272,40 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         allow_pickle: bool = False,
-        **_ignored,
-    ) -> None:
-        """Add the adapter saved in ``model_id`` under ``adapter_name`` (it does not become active)."""
-        directory = resolve_adapter_dir(model_id)
-        config = load_config(directory)
-        config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
-        self._load_weights(directory, adapter_name, allow_pickle)
+        **kwargs,
+    ) -> _IncompatibleKeys:
+        """Load the adapter saved in ``model_id`` as ``adapter_name`` and return the load result.
 
-    def _load_weights(self, directory: Path, adapter_name: str, allow_pickle: bool) -> None:
-        tensors = load_adapter_weights(directory, allow_pickle=allow_pickle)
-        bias = self.peft_config[adapter_name].bias
+        A new name adds the adapter (not active; trainable only with ``is_trainable``); an existing name gets its
+        weights replaced (how transformers' Trainer resumes from a checkpoint). Without ``is_trainable`` the model
+        is put in eval mode. The result has PEFT's ``missing_keys`` / ``unexpected_keys``, always empty: where
+        PEFT would list keys, lorakit raises ``ValueError`` naming them.
+        """
+        directory = resolve_adapter_dir(model_id, **kwargs)
+        is_new = adapter_name not in self.peft_config
+        if is_new:
+            config = load_config(directory)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+            if is_trainable:
+                self.set_requires_grad(adapter_name)
+        tensors = load_peft_weights(directory, key_mapping=key_mapping, allow_pickle=allow_pickle)
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
         try:
             load_into_model(self, tensors, adapter_name, bias, source=str(directory))
         except ValueError:
-            if adapter_name in self.peft_config and len(self.peft_config) > 1:
+            if is_new and len(self.peft_config) > 1:
                 self.delete_adapter(adapter_name)  # leave the model as it was before the failed load
             raise
+        if not is_trainable:
+            self.eval()
+        return _IncompatibleKeys([], [])
 
 
 def _forward_with_signature_of(model: nn.Module):
@@ -245,32 +328,42 @@ def _forward_with_signature_of(model: nn.Module):
     return forward
 
 
-def resolve_adapter_dir(model_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise download the adapter files from the Hugging Face Hub."""
-    path = Path(model_id)
-    if path.is_dir():
-        return path
-    if path.exists() or os.sep in str(model_id) and not _looks_like_repo_id(str(model_id)):
-        raise FileNotFoundError(f"Adapter folder {model_id} does not exist.")
-    try:
-        from huggingface_hub import snapshot_download
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Inject adapter ``adapter_name`` described by ``peft_config`` into ``model`` (in place) and wrap it.
 
-        local = snapshot_download(
-            str(model_id), allow_patterns=["adapter_config.json", "adapter_model.safetensors"]
-        )
-    except Exception as error:  # noqa: BLE001 - network, auth and missing-repo errors all end here
-        raise FileNotFoundError(
-            f"{model_id} is not a local folder and could not be fetched from the Hugging Face Hub ({error})."
-        ) from None
-    return Path(local)
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/"))
-
-
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
-    """Inject adapter ``adapter_name`` described by ``peft_config`` into ``model`` (in place) and wrap it."""
+    Args (as PEFT's):
+        mixed: return a :class:`~lorakit.mapping.PeftMixedModel` (LoRA adapters only in lorakit).
+        autocast_adapter_dtype: True keeps float32 adapters over float16 / bfloat16 weights; False gives them
+            the base weight's dtype.
+        revision: the base model's revision, recorded in the config (and so in ``adapter_config.json``).
+        low_cpu_mem_usage: accepted; lorakit always creates the (small) adapter weights directly.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_peft_model needs a torch.nn.Module, got {type(model).__name__}.")
-    return PeftModel(model, peft_config, adapter_name)
+    if revision is not None:
+        if getattr(peft_config, "revision", None) not in (None, revision):
+            warnings.warn(
+                f"peft config has already set base model revision to {peft_config.revision}, overwriting with "
+                f"revision {revision}",
+                stacklevel=2,
+            )
+        peft_config.revision = revision
+    if mixed:
+        from lorakit.mapping import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name)
+    return PeftModel(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )

@@ -65,6 +65,19 @@ def adapter_key_map(model: torch.nn.Module, adapter_name: str, bias: str = "none
     return mapping
 
 
+def embedding_state_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the input and output embeddings' base weights (PEFT's ``save_embedding_layers``)."""
+    getters = [getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings")]
+    layers = [getter() for getter in getters if callable(getter)]
+    wanted = {id(getattr(layer, "base_layer", layer)) for layer in layers if layer is not None}
+    prefixes = [f"{name}." for name, module in model.named_modules() if id(module) in wanted and name]
+    return [
+        key
+        for key in model.state_dict()
+        if any(key.startswith(p) for p in prefixes) and not _is_other_adapter_key(key)
+    ]
+
+
 def adapter_state_dict(
     model: torch.nn.Module, adapter_name: str, bias: str = "none"
 ) -> dict[str, torch.Tensor]:
@@ -130,9 +143,15 @@ def load_into_model(
     """Copy ``tensors`` (file keys) into adapter ``adapter_name`` of ``model``, strictly."""
     mapping = adapter_key_map(model, adapter_name, bias)
     state = model.state_dict()
+    embeddings = None
     for saved_key in tensors:
-        # PEFT also saves the full base embedding when an embedding is adapted (save_embedding_layers="auto").
-        if saved_key not in mapping and saved_key.endswith(".base_layer.weight") and saved_key in state:
+        # PEFT also saves the full base embedding when an embedding is adapted (save_embedding_layers="auto"),
+        # and both libraries save the input / output embeddings with save_embedding_layers=True.
+        if saved_key in mapping or saved_key not in state:
+            continue
+        if embeddings is None:
+            embeddings = set(embedding_state_keys(model))
+        if saved_key.endswith(".base_layer.weight") or saved_key in embeddings:
             mapping = {**mapping, saved_key: saved_key}
     for saved_key, tensor in tensors.items():
         if saved_key not in mapping:

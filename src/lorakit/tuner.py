@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -21,10 +22,12 @@ from lorakit.inject import (
     replace_with_base,
     save_wrappers,
 )
-from lorakit.layers import LoraLayer
+from lorakit.layers import ADAPTER_ATTRIBUTES, LoraLayer
 from lorakit.lora_ops import shared_dropout_scope
 
 BASE_ADAPTER = "__base__"
+# Sub-module containers that hold one entry per adapter name (not AdaLoRA's frozen ``ranknum``).
+_ADAPTER_CONTAINERS = (*ADAPTER_ATTRIBUTES, "modules_to_save")
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -51,6 +54,7 @@ class BaseTuner(nn.Module):
     """
 
     prefix = ""  # parameter-name prefix of the method's adapter weights
+    _unloaded = False  # set by merge_and_unload() / unload(): the adapter layers are gone
 
     def __init__(self, model: nn.Module, config, adapter_name: str = "default"):
         super().__init__()
@@ -123,14 +127,48 @@ class BaseTuner(nn.Module):
             for param in self.model.parameters():
                 param.requires_grad_(False)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several whose outputs add up; only active adapters train."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several whose outputs add up; only active adapters train.
+
+        ``inference_mode=True`` freezes the activated adapters (PEFT's flag). An adapter whose config has
+        ``inference_mode`` (loaded with ``is_trainable=False``) stays frozen either way.
+        """
+        self._check_not_unloaded("set_adapter")
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; existing: {list(self.peft_config)}.")
         self.active_adapter = adapter_name
         self._refresh_trainable()
+        if inference_mode:
+            self.set_requires_grad(names, requires_grad=False)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' weights (and their ``modules_to_save`` copies) on or off."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for param in self._adapter_parameters(names):
+            param.requires_grad_(requires_grad)
+
+    def _adapter_parameters(self, names: set[str] | None = None) -> list[nn.Parameter]:
+        """Parameters of the adapters ``names`` (all adapters if None): ``<layer>.<container>.<name>...``."""
+        params = []
+        modules = [m for _, m in self.adapter_layers()] + [m for _, m in save_wrappers(self.model)]
+        for module in modules:
+            for key, param in module.named_parameters():
+                parts = key.split(".")
+                if parts[0] not in _ADAPTER_CONTAINERS or len(parts) < 2:
+                    continue
+                if names is None or parts[1] in names:
+                    params.append(param)
+        return params
+
+    def _check_not_unloaded(self, action: str) -> None:
+        if self._unloaded:
+            raise ValueError(
+                f"Cannot {action}: the adapters were removed from this model by merge_and_unload() or unload(), "
+                f"which return the plain model (merged or not). Use that returned model (save it with its own "
+                f"save_pretrained), or wrap a model again with get_peft_model / PeftModel.from_pretrained."
+            )
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -147,15 +185,61 @@ class BaseTuner(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the ``with`` block (merged adapters are unmerged first)."""
+        """Run the base model alone inside the ``with`` block, as PEFT does.
+
+        Adapters merged into the base weights are unmerged by the first forward inside the block (and stay
+        unmerged after it); ``modules_to_save`` modules fall back to the original module; adapter weights do not
+        require grad inside the block. On exit (also after an exception) the previous state comes back: a nested
+        block leaves the adapters disabled for the outer one, and the ``requires_grad`` flags are restored as they
+        were (PEFT turns on the active adapters' gradients instead, even for adapters loaded for inference).
+        """
         wrappers = [m for _, m in self.adapter_layers()] + [m for _, m in save_wrappers(self.model)]
+        states = {bool(m.disable_adapters) for m in wrappers}
+        if len(states) > 1:
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                "likely unintentional. After exiting the disable_adapter context, all adapters will be enabled",
+                stacklevel=3,
+            )
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                    "same output as the base model would without adaption.",
+                    stacklevel=3,
+                )
+        grads = [(p, p.requires_grad) for p in self._adapter_parameters()]
         for module in wrappers:
             module.disable_adapters = True
+        for param, _ in grads:
+            param.requires_grad_(False)
         try:
             yield
         finally:
-            for module in wrappers:
-                module.disable_adapters = False
+            if states != {True}:  # enabled (or mixed) before: enable all, as PEFT does
+                for module in wrappers:
+                    module.disable_adapters = False
+            for param, flag in grads:
+                param.requires_grad_(flag)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's ``autocast_adapter_dtype``: with False, adapter weights take their base weight's dtype.
+
+        With True (the default) the layers already hold float32 adapters over float16 / bfloat16 bases (and the
+        base dtype over float32 / float64 ones), which is what PEFT's upcast gives; nothing is left to do.
+        """
+        if autocast_adapter_dtype:
+            return
+        for _, layer in self.adapter_layers():
+            weight = getattr(getattr(layer, "base_layer", None), "weight", None)
+            dtype = getattr(weight, "dtype", None)
+            if dtype is None or not dtype.is_floating_point:
+                continue
+            for key, param in layer.named_parameters():
+                parts = key.split(".")
+                if parts[0] != "base_layer" and len(parts) > 1 and parts[1] == adapter_name:
+                    param.data = param.data.to(dtype)
 
 
 class LoraModel(BaseTuner):
@@ -196,9 +280,30 @@ class LoraModel(BaseTuner):
 
     # ---------------------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the active (or named) adapters into the base weights, keeping the LoRA layers."""
+        """Fold the active (or named) adapters into the base weights, keeping the LoRA layers.
+
+        As in PEFT, adapters already merged are skipped with a warning ("All adapters are already merged, nothing
+        to do." or "Already following adapters were merged ..."), never added twice.
+        """
+        self._check_not_unloaded("merge_adapter")
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        notes = set()
         for _, layer in lora_layers(self.model):
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            todo = [n for n in names if n not in layer.merged_adapters]
+            if layer.merged:  # PEFT's wording, about the requested names (held by this layer or not)
+                notes.add(
+                    f"Already following adapters were merged {','.join(layer.merged_adapters)}. "
+                    f"You are now additionally merging {','.join(todo)}."
+                    if todo
+                    else "All adapters are already merged, nothing to do."
+                )
+            todo = [n for n in todo if n in layer.r]
+            if todo:
+                layer.merge(safe_merge=safe_merge, adapter_names=todo)
+        for note in sorted(notes):
+            warnings.warn(note, stacklevel=3)
 
     def unmerge_adapter(self) -> None:
         for _, layer in lora_layers(self.model):
@@ -206,11 +311,48 @@ class LoraModel(BaseTuner):
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge the active (or named) adapters and return the plain model, with no LoRA module left."""
+        self._check_not_unloaded("merge_and_unload")
         if adapter_names is not None:
             for _, layer in lora_layers(self.model):
                 layer.active_adapters = [n for n in adapter_names if n in layer.r]
-        return replace_with_base(self.model, merge=True, safe_merge=safe_merge)
+        model = replace_with_base(self.model, merge=True, safe_merge=safe_merge)
+        self._unloaded = True
+        return model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the base model."""
-        return replace_with_base(self.model, merge=False)
+        self._check_not_unloaded("unload")
+        model = replace_with_base(self.model, merge=False)
+        self._unloaded = True
+        return model
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """A new adapter ``adapter_name`` combining ``adapters`` with ``weights`` (see :mod:`lorakit.weighted`)."""
+        from lorakit.weighted import add_weighted_adapter
+
+        self._check_not_unloaded("add_weighted_adapter")
+        add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+        )
