@@ -177,3 +177,20 @@ def test_linear_needs_equal_ranks_and_an_existing_name_is_kept(tmp_path):
     with pytest.warns(UserWarning, match="already exists"):
         ours.add_weighted_adapter(["default", "other"], WEIGHTS, "other", combination_type="cat")
     assert all(torch.equal(p, before[n]) for n, p in ours.named_parameters() if ".other." in n)
+
+
+def test_a_failed_combination_leaves_no_half_built_adapter():
+    """SVD needs each layer's dense update; a grouped conv has none, so the call fails and adds nothing."""
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the grouped-conv notice
+        config = dict(r=2, target_modules=["0"], init_lora_weights=False)
+        wrapped = lorakit.get_peft_model(model, lorakit.LoraConfig(**config))
+        wrapped.add_adapter("other", lorakit.LoraConfig(**config))
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    with pytest.raises((NotImplementedError, ValueError)):
+        wrapped.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type="svd")
+    assert "mix" not in wrapped.peft_config
+    assert wrapped.state_dict().keys() == before.keys()

@@ -245,7 +245,11 @@ def add_weighted_adapter(
     combination_type, config = combined_config(tuner, adapters, combination_type, svd_rank)
     tuner.add_adapter(adapter_name, config)
     svd_options = dict(clamp=svd_clamp, full_matrices=svd_full_matrices, driver=svd_driver)
-    for path, layer in tuner.adapter_layers():
-        if _factors(layer, adapter_name) is not None:
-            _fill_layer(layer, path, adapter_name, adapters, weights, combination_type, svd_options)
+    try:
+        for path, layer in tuner.adapter_layers():
+            if _factors(layer, adapter_name) is not None:
+                _fill_layer(layer, path, adapter_name, adapters, weights, combination_type, svd_options)
+    except Exception:
+        tuner.delete_adapter(adapter_name)  # no half-built adapter left behind
+        raise
     tuner.set_requires_grad(adapter_name, requires_grad=False)
