@@ -195,3 +195,18 @@ print("ok")
     pytest.importorskip("trl")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_without_peft_installed_the_trainer_path_says_what_to_install() -> None:
+    script = """
+import sys, warnings
+sys.modules["peft"] = None  # as if peft were not installed
+import lorakit
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import transformers.trainer
+print(any("pip install peft" in str(w.message) for w in caught))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("True")

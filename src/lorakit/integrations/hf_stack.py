@@ -23,12 +23,15 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
+import warnings
 from types import ModuleType
 
 WATCHED_PACKAGES = ("transformers", "accelerate", "trl")
 # Modules whose ``PeftModel`` / ``PeftConfig`` globals are only used in isinstance checks (so a tuple serves).
-_CLASS_REBIND_PACKAGES = ("transformers.trainer", "trl")
+_CLASS_REBIND_MODULES = ("transformers.trainer",)
+_CLASS_REBIND_PACKAGES = ("trl",)
 
 _state = {"enabled": False, "seen": set(), "replacements": {}}
 
@@ -102,7 +105,10 @@ def _replacement_for(value, class_rebind: bool):
 
 def _rebind(module: ModuleType) -> None:
     cache = _state["replacements"]
-    class_rebind = module.__name__.startswith(_CLASS_REBIND_PACKAGES)
+    name = module.__name__
+    class_rebind = name in _CLASS_REBIND_MODULES or name.split(".", 1)[0] in _CLASS_REBIND_PACKAGES
+    if name == "transformers.trainer":
+        _warn_without_peft()
     for attribute, value in list(vars(module).items()):
         if callable(value) and id(value) in cache and cache[id(value)][0] is value:
             replacement = cache[id(value)][1]
@@ -147,10 +153,24 @@ class _RebindAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _warn_without_peft() -> None:
+    """transformers only has its PEFT code paths (adapter-only checkpoints, adapter resume) with peft installed."""
+    try:
+        missing = importlib.util.find_spec("peft") is None
+    except (ValueError, AttributeError):  # sys.modules["peft"] is None: imports of peft are blocked
+        missing = True
+    if missing:
+        warnings.warn(
+            "transformers' Trainer saves and resumes lorakit adapters through its PEFT code paths, which exist "
+            "only when the peft package is installed: `pip install peft` (lorakit still does all the LoRA work). "
+            "Without it, Trainer checkpoints hold the full state dict and fail on tied embeddings.",
+            stacklevel=2,
+        )
+
+
 def enable_hf_integration() -> None:
     """Let transformers' Trainer, accelerate and TRL recognise lorakit models and configs (idempotent)."""
     if not _state["enabled"]:
         sys.meta_path.insert(0, _RebindAfterImport())
         _state["enabled"] = True
-    if len(_state["seen"]) < len(sys.modules):
-        _rebind_loaded_modules()
+    _rebind_loaded_modules()
