@@ -20,9 +20,10 @@ from lorakit.config import PeftType, TaskType
 FRAMEWORK_HEADING = "### Framework versions"
 
 
-def _base_model_name(model: nn.Module) -> str:
+def base_model_name(model: nn.Module) -> str | None:
+    """The name or path the model was loaded from (``config.name_or_path``), None when it has none."""
     config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or ""
+    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
 def model_card_tags(peft_model: nn.Module) -> set[str]:
@@ -61,7 +62,7 @@ def create_or_update_model_card(peft_model: nn.Module, output_dir: str | os.Path
     causal = any(getattr(c, "task_type", None) == TaskType.CAUSAL_LM for c in configs)
     if causal and not card.data.pipeline_tag:
         card.data.pipeline_tag = "text-generation"
-    name = _base_model_name(peft_model.get_base_model())
+    name = base_model_name(peft_model.get_base_model())
     if name:
         card.data["base_model"] = name
     lines = card.text.splitlines()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lorakit.config import CONFIG_NAME, looks_like_repo_id
-from lorakit.model_card import create_or_update_model_card
+from lorakit.model_card import base_model_name, create_or_update_model_card
 from lorakit.serialization import WEIGHTS_NAME, load_adapter_weights, save_adapter_weights
 from lorakit.state_dict import PEFT_PREFIX, get_peft_model_state_dict
 
@@ -149,8 +149,7 @@ def _check_shapes(peft_model: nn.Module, tensors: dict, name: str, live: dict[st
 def _save_config(peft_model: nn.Module, config, directory: Path) -> None:
     """The config as PEFT writes it: ``inference_mode`` true, ``auto_mapping`` when there is no task type."""
     if config.base_model_name_or_path is None:
-        base = peft_model.get_base_model()
-        config.base_model_name_or_path = base.__dict__.get("name_or_path") or None
+        config.base_model_name_or_path = base_model_name(peft_model.get_base_model())
     auto_mapping = None
     if getattr(config, "task_type", None) is None:
         base_cls = type(peft_model.get_base_model())

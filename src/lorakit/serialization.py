@@ -78,14 +78,6 @@ def embedding_state_keys(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def adapter_state_dict(
-    model: torch.nn.Module, adapter_name: str, bias: str = "none"
-) -> dict[str, torch.Tensor]:
-    """The tensors to save for ``adapter_name``, keyed as in PEFT's files."""
-    state = model.state_dict()
-    return {saved: state[key] for saved, key in adapter_key_map(model, adapter_name, bias).items()}
-
-
 def save_adapter_weights(tensors: dict[str, torch.Tensor], directory: str | os.PathLike) -> Path:
     """Write ``adapter_model.safetensors`` atomically (temporary file in the same folder, then rename)."""
     directory = Path(directory)

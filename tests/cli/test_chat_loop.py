@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import pytest
 
@@ -81,6 +82,8 @@ def test_keyboard_interrupt_in_any_command_is_exit_130_without_traceback(monkeyp
     assert "lorakit factorize: interrupted." in err and "Traceback" not in err
 
 
-def test_line_editing_uses_readline_when_present() -> None:
-    readline = pytest.importorskip("readline")
-    assert enable_line_editing() is True and readline is not None
+def test_line_editing_is_on_with_readline_and_off_without(monkeypatch) -> None:
+    pytest.importorskip("readline")
+    assert enable_line_editing() is True
+    monkeypatch.setitem(sys.modules, "readline", None)  # as on a Python built without readline
+    assert enable_line_editing() is False
