@@ -1,12 +1,14 @@
 """Checkpoint glue of the trainer: what a run saves at step N, how it resumes, when it refuses to.
 
 :class:`CheckpointMixin` is mixed into :class:`lorakit.train.loop.Trainer`; it reads the trainer's model,
-optimizer, scaler, plan, state and distributed context. Files: :mod:`lorakit.train.checkpoint`.
+optimizer, scaler, plan, state and distributed context. Files: :mod:`lorakit.train.checkpoint`; what a
+resumed run must share with the checkpoint's run: :mod:`lorakit.train.fingerprint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.adapters import load_method_state, method_state
 from lorakit.train.distributed import barrier, gather_tensors
+from lorakit.train.fingerprint import allowed_changes, check_resume, run_fingerprint
 from lorakit.train.metrics import read_metrics, truncate_metrics
 from lorakit.train.rng import capture_rng_state, restore_rng_state
 
@@ -44,6 +47,7 @@ class CheckpointMixin:
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "lr_scheduler": {"kind": self.config.lr_scheduler, "base_lrs": self.base_lrs},
                 "config": dataclasses.asdict(self.config),
+                "fingerprint": self.fingerprint,
                 "metrics_records": len(read_metrics(self.metrics.path)),
             }
             folder = ckpt.save_checkpoint(
@@ -87,7 +91,25 @@ class CheckpointMixin:
         self.say(f"resume: continuing from {folder} (step {self.state.step} of {self.plan.total_steps})")
         return True
 
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """What defines this run (config, token ids, base model; :mod:`lorakit.train.fingerprint`)."""
+        return run_fingerprint(
+            self.config, self.data.train, self.data.eval, world_size=self.context.world_size
+        )
+
     def _check_compatible(self, trainer_state: dict[str, Any], folder: Path) -> None:
+        """Refuse a checkpoint of a different run, listing every difference; older checkpoints: plan only."""
+        saved = trainer_state.get("fingerprint")
+        if saved is None:
+            self.say(
+                f"warning: {folder} was written before lorakit recorded run fingerprints; could not check that "
+                "model, data and settings are unchanged (only the data plan and number of processes are)"
+            )
+        else:
+            allowed = allowed_changes(self.config.resume_allow_changes)
+            for change in check_resume(saved, self.fingerprint, allowed, folder):
+                self.say(f"resume: {change} (allowed by resume_allow_changes)")
         saved_plan, world = trainer_state.get("plan", {}), trainer_state.get("world_size")
         if saved_plan != self.plan.as_dict() or world != self.context.world_size:
             raise ckpt.CheckpointError(
@@ -98,6 +120,7 @@ class CheckpointMixin:
 
     def _check_output_dir(self) -> None:
         """A fresh run never silently overwrites the checkpoints of an earlier one."""
+        allowed_changes(self.config.resume_allow_changes)  # a bad name fails before the model loads
         previous = ckpt.latest_checkpoint(self.checkpoint_root)
         if previous is None or self.config.resume:
             return
