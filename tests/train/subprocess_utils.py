@@ -49,3 +49,42 @@ def run_checked(command: list[str], timeout: float = 120) -> subprocess.Complete
         f"{' '.join(command)}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-3000:]}"
     )
     return result
+
+
+def run_forked_ranks(function, world_size: int, folder: Path, timeout: float = 180) -> list:
+    """``function(context)`` on ``world_size`` forked processes joined in a gloo group; their results by rank.
+
+    Forking skips the interpreter start and imports, so collective logic is tested in about a second.
+    A result that is an exception is returned as ``(type name, message)``.
+    """
+    import json
+    import multiprocessing
+
+    def worker(rank: int) -> None:
+        import torch.distributed as dist
+
+        from lorakit.train.distributed import Distributed
+
+        dist.init_process_group(
+            "gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=world_size
+        )
+        try:
+            result = function(Distributed(rank=rank, world_size=world_size))
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            result = [type(error).__name__, str(error)]
+        (folder / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+    folder.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=worker, args=(rank,)) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise AssertionError(f"rank hung for {timeout} s")
+        assert process.exitcode == 0, f"rank exited with {process.exitcode}"
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world_size)]

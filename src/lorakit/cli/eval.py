@@ -3,6 +3,8 @@
 loss = (sum of next-token cross-entropies over trained tokens) / (number of trained tokens),
 perplexity = exp(loss); prompt tokens are excluded as in training unless ``--train_on_prompt``.
 With ``--output_dir`` the result is also written to ``DIR/eval.json``.
+Exit code 1, with a one-line message and no result, when the model or adapter holds NaN or infinite
+weights (e.g. saved by a diverged run) or the loss comes out NaN or infinite.
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     from lorakit.data import DatasetError, load_records, sample_dataset, tokenize_records
     from lorakit.models import ModelLoadError
+    from lorakit.train.divergence import describe_non_finite
     from lorakit.train.evaluation import loss_sum_and_tokens
     from lorakit.train.inference import load_for_inference
     from lorakit.train.metrics import perplexity
@@ -80,10 +85,26 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetError, FileNotFoundError, ValueError, OSError, ModelLoadError) as error:
         print(f"lorakit eval: error: {error}", file=sys.stderr)
         return 1
+    broken = describe_non_finite(model)
+    if broken is not None:
+        where = f"the adapter {args.adapter}" if args.adapter else "the model"
+        print(
+            f"lorakit eval: error: {where} is unusable: {broken}; it was saved from a diverged run, "
+            "so use an earlier checkpoint or the run's best/ adapter.",
+            file=sys.stderr,
+        )
+        return 1
     loss_sum, tokens = loss_sum_and_tokens(
         model, data.examples, tokenizer.pad_token_id, batch_size=args.micro_batch_size
     )
     loss = loss_sum / max(tokens, 1)
+    if not math.isfinite(loss):
+        print(
+            f"lorakit eval: error: the loss on {source} is {loss}: the model's outputs overflow "
+            f"(weights too large for {args.precision}?); try --precision fp32 or another checkpoint.",
+            file=sys.stderr,
+        )
+        return 1
     result = {
         "dataset": source,
         "examples": len(data.examples),

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Any
 
-from lorakit.cli.options import TRAIN_ALIASES, RawDescriptionHelpFormatter, help_text
+from lorakit.cli.options import TRAIN_ALIASES, RawDescriptionHelpFormatter, conflicting_spellings, help_text
 from lorakit.cli.threads import pin_threads
 from lorakit.train.config import (
     FIELD_NAMES,
@@ -34,7 +35,11 @@ class _TrainArgumentParser(argparse.ArgumentParser):
     """Accepts dotted/dashed spellings and turns unknown options into errors with a suggestion."""
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        args = [_normalize_token(token) for token in (sys.argv[1:] if args is None else args)]
+        args = sys.argv[1:] if args is None else args
+        clash = conflicting_spellings(self, args, _normalize_token)  # --r 8 --lora_r 16
+        if clash:
+            self.error(clash)
+        args = [_normalize_token(token) for token in args]
         parsed, extras = super().parse_known_args(args, namespace)
         for token in extras:
             if token.startswith("-"):
@@ -108,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(config: TrainConfig) -> int:
+    """Exit codes: 0 done; 1 an error (message on stderr: config, data, model, checkpoint, output folder
+    in use or unwritable, disk full, divergence); 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C)."""
     from lorakit.data import DatasetError
     from lorakit.models import ModelLoadError
     from lorakit.train.checkpoint import CheckpointError
+    from lorakit.train.lock import OutputDirError
     from lorakit.train.loop import TrainingDiverged, train
+    from lorakit.train.signals import TrainingAborted, TrainingInterrupted
 
     pin_threads()
     try:
@@ -121,9 +130,14 @@ def _train(config: TrainConfig) -> int:
         DatasetError,
         CheckpointError,
         TrainingDiverged,
+        OutputDirError,
         ModelLoadError,
         FileNotFoundError,
     ) as error:
         print(f"lorakit train: error: {error}", file=sys.stderr)
         return 1
+    except (TrainingInterrupted, TrainingAborted) as stop:
+        if os.environ.get("RANK", "0").strip() in ("", "0"):  # under torchrun: one message, not one per rank
+            print(f"lorakit train: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0

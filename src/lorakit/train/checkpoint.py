@@ -14,14 +14,24 @@ A checkpoint ``<output_dir>/checkpoints/step-00000120/`` holds
 Writing goes to ``.tmp-step-...`` and ends with one ``os.rename`` (atomic on POSIX), so a folder with
 a final name is complete; a run killed mid-write leaves only a ``.tmp-*`` folder, which is ignored
 and cleaned up. Old checkpoints are first renamed to ``.trash-*`` and then deleted, for the same reason.
+
+Two refusals protect what is already on disk. Parameters that are NaN or infinite are never written (a
+checkpoint, the final adapter or ``best/``): :class:`NonFiniteError` names them before anything is created.
+A write that fails for lack of space or permission (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EACCES``) removes
+its temp folder and raises :class:`CheckpointWriteError`, a one-line message naming the newest intact
+checkpoint and how to free space; older checkpoints are untouched because nothing is pruned before the
+new one is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +43,60 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors")
 STATE_FILE = "trainer_state.json"
 METHOD_FILE = "method.safetensors"
+# Write failures that are the disk's or the mount's, not a bug: reported in one line, never a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run; the message says why."""
+
+
+class NonFiniteError(CheckpointError):
+    """Refused to write parameters that are NaN or infinite (a diverged run)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint or adapter could not be written (disk full, quota, read-only, permission)."""
+
+
+def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity, in order."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], target: Path, checkpoints: Path) -> None:
+    """Raise :class:`NonFiniteError` before ``target`` is written from non-finite ``tensors``."""
+    bad = non_finite_names(tensors)
+    if bad:
+        newest = latest_checkpoint(checkpoints)
+        raise NonFiniteError(
+            f"Refusing to write {target}: {len(bad)} parameter tensor(s) hold NaN or infinite values "
+            f"(first: '{bad[0]}'); the training diverged. Newest checkpoint left intact: "
+            f"{newest or 'none written yet'}."
+        )
+
+
+@contextlib.contextmanager
+def writing(temp: Path, target: Path, checkpoints: Path) -> Iterator[None]:
+    """Turn a disk-full or permission error while writing ``temp`` (for ``target``) into a one-line
+    :class:`CheckpointWriteError`; the partial ``temp`` is removed, which also frees its space."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        shutil.rmtree(temp, ignore_errors=True)
+        newest = latest_checkpoint(checkpoints)
+        intact = f"intact (newest: {newest})" if newest else "none written yet"
+        raise CheckpointWriteError(
+            f"Could not write {target}: {error.strerror or os.strerror(error.errno)}. Previous checkpoints "
+            f"are {intact}. Free space or fix permissions in {target.parent} (delete old runs or "
+            "checkpoints, lower save_total_limit), then run the same command with --resume."
+        ) from None
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -155,15 +215,38 @@ def save_checkpoint(
 
     ``method_state``: extra tensors of the adapter method (AdaLoRA's allocator), in ``method.safetensors``.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     temp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    trainable = trainable_state(model)
+    check_finite(trainable, final, root)
+    with writing(temp, final, root):
+        root.mkdir(parents=True, exist_ok=True)
+        _write_checkpoint(temp, model, optimizer, trainable, trainer_state, rng_states, step, method_state)
+        if final.exists():  # an older run's checkpoint of the same step: replace it
+            _discard(final)
+        os.rename(temp, final)
+        _fsync_dir(root)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def _write_checkpoint(
+    temp: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    rng_states: dict[str, torch.Tensor],
+    step: int,
+    method_state: dict[str, torch.Tensor] | None,
+) -> None:
+    """Every file of a checkpoint into ``temp`` (see the module docstring), fsynced; state file last."""
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir()
     names = {id(p): n for n, p in model.named_parameters()}
     model.save_pretrained(str(temp / "adapter"))
-    save_file(trainable_state(model), str(temp / "trainable.safetensors"))
+    save_file(trainable, str(temp / "trainable.safetensors"))
     tensors, index = optimizer_to_safetensors(optimizer, names)
     save_file(tensors, str(temp / "optimizer.safetensors"))
     write_json(temp / "optimizer.json", index)
@@ -176,12 +259,20 @@ def save_checkpoint(
         files.append(METHOD_FILE)
     write_json(temp / STATE_FILE, {**trainer_state, "step": step, "files": files})
     _fsync_tree(temp)
-    if final.exists():  # an older run's checkpoint of the same step: replace it
-        _discard(final)
-    os.rename(temp, final)
-    _fsync_dir(root)
-    prune_checkpoints(root, keep)
-    return final
+
+
+def write_adapter(model: nn.Module, adapter_dir: Path, checkpoints: Path) -> None:
+    """The final adapter (``save_pretrained``) into ``adapter_dir``, replaced atomically; refused when
+    non-finite, a one-line :class:`CheckpointWriteError` when the disk is full (``checkpoints``: for the
+    message, the folder whose newest checkpoint is named)."""
+    check_finite(trainable_state(model), adapter_dir, checkpoints)
+    temp = adapter_dir.with_name(".tmp-adapter")
+    with writing(temp, adapter_dir, checkpoints):
+        shutil.rmtree(temp, ignore_errors=True)
+        model.save_pretrained(str(temp))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        temp.rename(adapter_dir)
 
 
 def replace_folder(temp: Path, final: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,7 +150,17 @@ class TrainConfig:
         "Keep the best held-out adapter in best/ and write it as the final adapter (on with early stopping).",
         False,
     )
+    divergence_threshold: float | None = _help(
+        "Stop as diverged when a held-out loss exceeds the best so far by more than this x max(best, 2); "
+        "empty = off (NaN/inf always stop).",
+        0.5,
+    )
     resume: bool = _help("Continue from the newest complete checkpoint in output_dir.", False)
+    resume_allow_changes: list[str] | None = _help(
+        "With resume: safe fields that may differ from the checkpoint's run, e.g. eval_steps,save_steps "
+        "(others never may; see docs/training.md).",
+        None,
+    )
     overwrite_output_dir: bool = _help(
         "Start over even if output_dir holds checkpoints of an earlier run.", False
     )
@@ -182,15 +193,48 @@ def suggest_key(key: str) -> str:
     return f" Did you mean '{normalize_key(close[0])}'?" if close else ""
 
 
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``(spelling, value)`` pairs; a nested key is spelled with dots (``lora: {r: 8}`` -> ``lora.r``)."""
+    flat: list[tuple[str, Any]] = []
     for key, value in mapping.items():
-        name = f"{prefix}_{key}" if prefix else str(key)
+        name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict) and normalize_key(name) not in MAPPING_FIELDS:
-            flat.update(_flatten(value, name))
+            flat.extend(_flatten(value, name))
         else:
-            flat[name] = value
+            flat.append((name, value))
     return flat
+
+
+def _same_value(key: str, first: Any, second: Any) -> bool:
+    try:
+        return coerce_value(key, first) == coerce_value(key, second)
+    except ConfigError:
+        return first == second
+
+
+def resolve_spellings(pairs: list[tuple[str, Any]], source: str, *, flags: bool = False) -> dict[str, Any]:
+    """``{field: value}`` from ``(spelling, value)`` pairs of one source (a YAML file, or the flags).
+
+    Raises :class:`ConfigError` for an unknown key (suggesting the closest) and for one key given under two
+    spellings with different values (``lora: {r: 8}`` and ``lora_r: 16``, or ``r`` and ``lora_r``), which
+    would otherwise resolve silently by their order. The same value twice passes.
+    """
+    values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for raw_key, value in pairs:
+        key = normalize_key(raw_key)
+        if key not in FIELD_NAMES:
+            flat = raw_key.replace(".", "_")
+            where = f"Unknown option '--{raw_key}'." if flags else f"Unknown key '{flat}' in {source}."
+            raise ConfigError(f"{where}{suggest_key(raw_key)}")
+        spelling = f"--{raw_key}" if flags else raw_key
+        if key in values and not _same_value(key, values[key], value):
+            raise ConfigError(
+                f"'{key}' is set twice in {source}: as '{spelled[key]}' ({values[key]!r}) and as '{spelling}' "
+                f"({value!r}). Keep one of them."
+            )
+        values[key], spelled[key] = value, spelling
+    return values
 
 
 def _parse_bool(value: Any, key: str) -> bool:
@@ -213,6 +257,14 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def _finite(key: str, value: float) -> float:
+    """``value``, or a :class:`ConfigError` for NaN and infinities (``max_grad_norm: nan`` would turn clipping
+    off and ``learning_rate: nan`` poison the first step; no option has a use for them)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"'{key}' must be a finite number, got {value}.")
+    return value
+
+
 def coerce_value(key: str, value: Any) -> Any:
     """Convert a YAML or flag value to the field's type, with a clear error when it cannot be."""
     hint, optional = _base_type(field_types()[key])
@@ -230,7 +282,7 @@ def coerce_value(key: str, value: Any) -> Any:
                 raise ValueError
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if hint is float:
-            return float(value)
+            return _finite(key, float(value))
         if typing.get_origin(hint) is dict:
             return _parse_mapping(key, value)
         if typing.get_origin(hint) is list:
@@ -239,7 +291,7 @@ def coerce_value(key: str, value: Any) -> Any:
         return str(value)
     except ConfigError:
         raise
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int("inf") overflows
         name = getattr(hint, "__name__", str(hint))
         raise ConfigError(f"'{key}' must be {name}, got {value!r}.") from None
 
@@ -281,6 +333,10 @@ def _validate_run_options(config: TrainConfig) -> None:
             raise ConfigError("'early_stopping_patience' needs eval_steps > 0 (it counts evaluations).")
     if config.early_stopping_threshold < 0:
         raise ConfigError(f"'early_stopping_threshold' must be >= 0, got {config.early_stopping_threshold}.")
+    if config.divergence_threshold is not None and not config.divergence_threshold > 0:
+        raise ConfigError(
+            f"'divergence_threshold' must be > 0 (or empty for off), got {config.divergence_threshold}."
+        )
     if not config.dataset_split.strip():
         raise ConfigError("'dataset_split' needs a split name such as train.")
     if config.eval_dataset_split and config.dataset is None and config.eval_dataset is None:
@@ -307,6 +363,8 @@ def _validate(config: TrainConfig) -> None:
         "gradient_accumulation_steps",
         "max_seq_length",
         "learning_rate",
+        "lora_alpha",
+        "adam_epsilon",
     )
     for key in positive:
         if getattr(config, key) <= 0:
@@ -319,6 +377,9 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"'max_steps' must be > 0 (or empty to use num_epochs), got {config.max_steps}.")
     if config.max_steps is None and config.num_epochs <= 0:
         raise ConfigError("Set num_epochs > 0 or max_steps.")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(config, key) < 1.0:
+            raise ConfigError(f"'{key}' must be in [0, 1), got {getattr(config, key)}.")
     if not 0.0 <= config.lora_dropout < 1.0:
         raise ConfigError(f"'lora_dropout' must be in [0, 1), got {config.lora_dropout}.")
     if not 0.0 <= config.eval_split < 1.0:
@@ -334,12 +395,12 @@ def _validate(config: TrainConfig) -> None:
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
     """Build a validated :class:`TrainConfig` from defaults updated by ``values``."""
-    resolved: dict[str, Any] = {}
-    for raw_key, value in _flatten(values).items():
-        key = normalize_key(raw_key)
-        if key not in FIELD_NAMES:
-            raise ConfigError(f"Unknown key '{raw_key}' in {source}.{suggest_key(raw_key)}")
-        resolved[key] = coerce_value(key, value)
+    resolved = {key: coerce_value(key, v) for key, v in resolve_spellings(_flatten(values), source).items()}
+    if resolved.get("method") == "dora" and resolved.get("use_dora") is False:
+        raise ConfigError(
+            f"{source}: 'method: dora' and 'use_dora: false' contradict each other (method dora is DoRA). "
+            "Drop use_dora, or choose method lora."
+        )
     config = TrainConfig(**resolved)
     if config.method == "dora":
         config.use_dora = True
@@ -351,35 +412,63 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> Train
     return config
 
 
+def check_against_model(config: TrainConfig, model_config: Any) -> None:
+    """Refuse a ``max_seq_length`` longer than the model's positions (``max_position_embeddings``).
+
+    Longer sequences would index past learned position embeddings or stretch rotary ones beyond what the
+    model was trained on, and the attention memory grows with the square of the length. Checked once the
+    base model is loaded, before any data is read.
+    """
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and 0 < positions < config.max_seq_length:
+        raise ConfigError(
+            f"'max_seq_length' is {config.max_seq_length}, but the model has only {positions} positions "
+            f"(max_position_embeddings); set max_seq_length to {positions} or less."
+        )
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file (safe loader); an empty file is an empty config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' not found.")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"Config file '{path}' is not UTF-8 text (byte {raw[error.start]:#04x} on line {line}); a config is "
+            "a YAML text file of key: value lines."
+        ) from None
+    except yaml.reader.ReaderError as error:  # binary content: control characters YAML does not allow
+        line = raw.decode("utf-8").count("\n", 0, error.position) + 1
+        code = error.character if isinstance(error.character, int) else ord(error.character)
+        raise ConfigError(
+            f"Config file '{path}' is not a YAML text file: it holds the control character U+{code:04X} on "
+            f"line {line}. A config is a text file of key: value lines."
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {error}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file '{path}' must be a mapping of key: value lines.")
+        raise ConfigError(
+            f"Config file '{path}' must be a mapping of key: value lines (YAML), but it holds a "
+            f"{type(data).__name__}."
+        )
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the YAML file at ``path``, then ``overrides`` (flags)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        for key, value in _flatten(read_yaml(path)).items():
-            values[normalize_key(key)] = value
-            if normalize_key(key) not in FIELD_NAMES:
-                raise ConfigError(f"Unknown key '{key}' in {path}.{suggest_key(key)}")
-    for key, value in (overrides or {}).items():
-        if normalize_key(key) not in FIELD_NAMES:
-            raise ConfigError(f"Unknown option '--{key}'.{suggest_key(key)}")
-        values[normalize_key(key)] = value
-    return config_from_dict(values, source=str(path) if path else "flags")
+    values = resolve_spellings(_flatten(read_yaml(path)), str(path)) if path is not None else {}
+    flags = resolve_spellings(list((overrides or {}).items()), "the flags", flags=True)
+    if "method" in flags and "use_dora" not in flags:
+        values.pop("use_dora", None)  # --method decides about DoRA over the file's use_dora
+    values.update(flags)
+    source = " with ".join(name for name, given in ((str(path), path), ("the flags", flags)) if given)
+    return config_from_dict(values, source=source or "flags")
 
 
 def config_to_yaml(config: TrainConfig) -> str:

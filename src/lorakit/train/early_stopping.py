@@ -6,14 +6,16 @@ evaluations in a row without one, the run stops. The evaluation at step 0 (the u
 leaves the base model unchanged) is the baseline shown in the log, not a candidate: the best adapter is
 always a trained one. A NaN or infinite held-out loss never improves.
 
-With ``early_stopping_patience`` or ``load_best_model_at_end``, rank 0 writes ``best/`` at every
-improvement: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format),
+Whenever the run has held-out data, rank 0 writes ``best/`` at every improvement (also with early
+stopping off, so that a run that later diverges, see :mod:`lorakit.train.divergence`, always keeps its
+best adapter): ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format),
 ``trainable.safetensors`` (every trainable parameter by name) and ``best.json`` (step, held-out loss).
 It sits outside ``checkpoints/``, so ``save_total_limit`` never prunes it, and is replaced atomically
-(:func:`lorakit.train.checkpoint.replace_folder`). At the end the best parameters are loaded back into the
-model after the final checkpoint is written: the final ``adapter/`` (bit-identical to ``best/``), the
-summary and the before/after samples are the best adapter's, while the final checkpoint keeps the last
-state for ``--resume``.
+(:func:`lorakit.train.checkpoint.replace_folder`); non-finite parameters are never written there.
+With ``early_stopping_patience`` or ``load_best_model_at_end`` the best parameters are also loaded back
+into the model at the end, after the final checkpoint is written: the final ``adapter/`` (bit-identical
+to ``best/``), the summary and the before/after samples are the best adapter's, while the final
+checkpoint keeps the last state for ``--resume``.
 
 Resume needs no extra saved state: the early-stopping counters are replayed from the eval lines of
 ``metrics.jsonl``, which resume truncates to the checkpoint's step.
@@ -65,13 +67,20 @@ class EarlyStopping:
 
 
 def save_best(model: nn.Module, folder: Path, step: int, loss: float) -> None:
-    """Write ``best/`` (adapter, trainable parameters, ``best.json``) in a temp folder, then rename."""
+    """Write ``best/`` (adapter, trainable parameters, ``best.json``) in a temp folder, then rename.
+
+    Refuses non-finite parameters; a full disk is a one-line :class:`~lorakit.train.checkpoint.CheckpointWriteError`.
+    """
     temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
-    model.save_pretrained(str(temp))
-    save_file(ckpt.trainable_state(model), str(temp / TRAINABLE_FILE))
-    ckpt.write_json(temp / BEST_FILE, {"step": step, "eval_loss": loss})
-    ckpt.replace_folder(temp, folder)
+    checkpoints = folder.parent / "checkpoints"
+    trainable = ckpt.trainable_state(model)
+    ckpt.check_finite(trainable, folder, checkpoints)
+    with ckpt.writing(temp, folder, checkpoints):
+        shutil.rmtree(temp, ignore_errors=True)
+        model.save_pretrained(str(temp))
+        save_file(trainable, str(temp / TRAINABLE_FILE))
+        ckpt.write_json(temp / BEST_FILE, {"step": step, "eval_loss": loss})
+        ckpt.replace_folder(temp, folder)
 
 
 def read_best(folder: Path) -> dict[str, Any] | None:
@@ -84,7 +93,11 @@ def read_best(folder: Path) -> dict[str, Any] | None:
 
 
 class BestAdapter:
-    """Early stopping plus the ``best/`` folder for one run (a no-op when both options are off)."""
+    """Early stopping plus the ``best/`` folder for one run.
+
+    ``enabled`` (early stopping or ``load_best_model_at_end``): stopping, restoring the best at the end and
+    the summary keys. ``keeps``: ``best/`` is written, which is the case whenever there is held-out data.
+    """
 
     def __init__(
         self,
@@ -96,6 +109,7 @@ class BestAdapter:
         is_main: bool = True,
     ) -> None:
         self.enabled = keep_best or patience is not None
+        self.keeps = True  # until start() finds no held-out data
         self.folder = output_dir / BEST_DIR
         self.stopping = EarlyStopping(patience, threshold)
         self.is_main = is_main
@@ -115,7 +129,8 @@ class BestAdapter:
         """Before the first step. A fresh run (``resume_step`` None) drops an old ``best/``; a run resumed
         from the checkpoint of ``resume_step`` replays the eval lines of ``metrics_path`` up to that step
         (other ranks may read the file before rank 0 has truncated it, hence the filter on the step)."""
-        if not self.enabled:
+        if not has_eval_data and not self.enabled:
+            self.keeps = False
             return
         if not has_eval_data:
             raise ConfigError(
@@ -134,7 +149,7 @@ class BestAdapter:
 
     def observe(self, step: int, loss: float | None, model: nn.Module) -> bool:
         """Count the evaluation at ``step``; on a new best, rank 0 writes ``best/``."""
-        if not self.enabled or loss is None or step == 0:
+        if not self.keeps or loss is None or step == 0:
             return False
         improved = self.stopping.update(step, loss)
         if improved and self.is_main:
@@ -151,6 +166,13 @@ class BestAdapter:
             f"early stopping: no held-out improvement in {stopping.patience} evaluation(s); "
             f"best loss {stopping.best_loss:.4f} at step {stopping.best_step}"
         )
+
+    def describe(self) -> str | None:
+        """``best/`` for messages: its path, step and held-out loss as written, or None when there is none."""
+        info = read_best(self.folder) if self.keeps else None
+        if info is None:
+            return None
+        return f"{self.folder} (step {info['step']}, held-out loss {info['eval_loss']:.4f})"
 
     def restore(self, model: nn.Module) -> dict[str, Any] | None:
         """Rank 0: load ``best/``'s trainable parameters into ``model``; returns ``best.json`` or None."""

@@ -16,7 +16,6 @@ trackers (:mod:`lorakit.train.trackers`).
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +44,10 @@ from lorakit.train.distributed import (
     progress_bars,
     shutdown,
 )
+from lorakit.train.divergence import DivergenceMixin, TrainingDiverged
 from lorakit.train.early_stopping import BestAdapter
 from lorakit.train.evaluation import loss_sum_and_tokens
+from lorakit.train.lock import hold_output_dir
 from lorakit.train.metrics import (
     MetricsLog,
     format_summary,
@@ -59,11 +60,8 @@ from lorakit.train.resume import CheckpointMixin, RunState
 from lorakit.train.samples import before_after, print_before_after, record_prompt
 from lorakit.train.schedule import set_learning_rates
 from lorakit.train.setup import Plan, autocast_context, build_optimizer, load_base, make_plan, seed_everything
+from lorakit.train.signals import StopSignals, stop_point
 from lorakit.train.trackers import Trackers, open_trackers
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite."""
 
 
 @dataclass
@@ -78,17 +76,25 @@ def train(config: TrainConfig) -> TrainResult:
     """Run ``config`` (under torchrun: data-parallel over all ranks)."""
     context = init_distributed(config.device)
     keep_memory = config.cpu_keep_freed_memory and context.device.type == "cpu" and keep_freed_memory()
-    try:
-        return Trainer(config, context, keeps_freed_memory=keep_memory).run()
+    try:  # one run per output folder (lorakit.train.lock); SIGTERM/Ctrl-C stop at a step (.signals)
+        with hold_output_dir(config.output_dir, context), StopSignals() as stopper:
+            return Trainer(config, context, keeps_freed_memory=keep_memory, stopper=stopper).run()
     finally:
         if keep_memory:
             restore_defaults()  # a notebook or test process that called train() gets its memory back
         shutdown(context)
 
 
-class Trainer(CheckpointMixin):
-    def __init__(self, config: TrainConfig, context: Distributed, keeps_freed_memory: bool = False) -> None:
+class Trainer(CheckpointMixin, DivergenceMixin):
+    def __init__(
+        self,
+        config: TrainConfig,
+        context: Distributed,
+        keeps_freed_memory: bool = False,
+        stopper: StopSignals | None = None,
+    ) -> None:
         self.config, self.context = config, context
+        self.stopper = stopper or StopSignals()  # not installed: never signalled
         self.keeps_freed_memory = keeps_freed_memory  # the CPU allocator policy of lorakit.train.allocator
         self.output_dir = Path(config.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
@@ -201,6 +207,7 @@ class Trainer(CheckpointMixin):
         else:
             self.optimizer.step()
         after_optimizer_step(self.model, self.state.step + 1)
+        self.check_parameters()
         self.optimizer.zero_grad(set_to_none=True)
         return {
             "loss": loss,
@@ -225,14 +232,6 @@ class Trainer(CheckpointMixin):
         if not math.isfinite(norm) and self.scaler is None:
             raise TrainingDiverged(self._diverged_message("gradient norm", norm))
         return norm
-
-    def _diverged_message(self, what: str, value: float) -> str:
-        kept = self.state.last_checkpoint or "none written yet"
-        return (
-            f"Training stopped: the {what} became {value} at step {self.state.step + 1}. "
-            f"Last good checkpoint: {kept}. Lower learning_rate, use precision fp32 or bf16, "
-            "or check the data for broken examples."
-        )
 
     # -------------------------------------------------------------------------------------------- eval
     def evaluate(self) -> tuple[float | None, int]:
@@ -263,6 +262,7 @@ class Trainer(CheckpointMixin):
             }
             self.metrics.write(record)
             self.say(f"step {self.state.step}: held-out loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+            self.check_held_out(loss)  # first: a diverged evaluation never becomes best/
             self.best.observe(self.state.step, loss, self.model)
         return loss
 
@@ -273,9 +273,10 @@ class Trainer(CheckpointMixin):
         if self.context.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.checkpoint_root)
-            (self.output_dir / "config.yaml").write_text(config_to_yaml(self.config), encoding="utf-8")
         barrier(self.context)
-        resumed = self.config.resume and self.resume()
+        resumed = self.config.resume and self.resume()  # a changed run is refused before config.yaml
+        if self.context.is_main:
+            (self.output_dir / "config.yaml").write_text(config_to_yaml(self.config), encoding="utf-8")
         if not resumed and self.context.is_main and self.metrics.path.exists():
             self.metrics.path.unlink()
         self._start_tracking(resumed)
@@ -294,6 +295,7 @@ class Trainer(CheckpointMixin):
         """Early-stopping state (replayed from the kept metrics on resume) and the report_to trackers."""
         resume_step = self.state.step if resumed else None
         self.best.start(bool(self.data.eval), self.metrics.path, resume_step)
+        self.start_held_out(resume_step)
         self.trackers = open_trackers(self.config, enabled=self.context.is_main, resume_step=resume_step)
         self.metrics.listeners.append(self.trackers.log_record)
 
@@ -302,6 +304,7 @@ class Trainer(CheckpointMixin):
         self.bar = tqdm(
             total=plan.total_steps, initial=self.state.step, desc="train", disable=not self.context.is_main
         )
+        self.stopper.graceful = True  # from here a first SIGTERM/SIGINT ends the step, then stop_point saves
         try:
             while self.state.step < plan.total_steps and not self.best.should_stop:
                 started = time.perf_counter()
@@ -322,6 +325,7 @@ class Trainer(CheckpointMixin):
                         self.say(self.best.stop_message())
                 if config.save_steps and self.state.step % config.save_steps == 0:
                     self.save()
+                stop_point(self)
         finally:
             self.bar.close()
             self.bar = None
@@ -348,11 +352,12 @@ class Trainer(CheckpointMixin):
             self.state.eval_loss_end = self.log_eval()
         if self.config.save_steps == 0 or self.state.step % self.config.save_steps != 0:
             self.save()
+        stop_point(self, last=True)  # a signal during the final evaluation stops here; later ones abort
         self.best.restore(self.model)  # after the final checkpoint, which keeps the last state for resume
         adapter_dir = self.output_dir / "adapter"
         result = TrainResult(self.output_dir, adapter_dir)
         if self.context.is_main:
-            self._write_adapter(adapter_dir)
+            ckpt.write_adapter(self.model, adapter_dir, self.checkpoint_root)
             result.summary = self._summary()
             plot_loss_curves(read_metrics(self.metrics.path), self.output_dir / "loss.png")
             ckpt.write_json(self.output_dir / "summary.json", result.summary)
@@ -363,14 +368,6 @@ class Trainer(CheckpointMixin):
             )
         barrier(self.context)
         return result
-
-    def _write_adapter(self, adapter_dir: Path) -> None:
-        temp = adapter_dir.with_name(".tmp-adapter")
-        shutil.rmtree(temp, ignore_errors=True)
-        self.model.save_pretrained(str(temp))
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        temp.rename(adapter_dir)
 
     def _summary(self) -> dict[str, Any]:
         return {

@@ -14,7 +14,7 @@ from torch import nn
 from lorakit.models import load_model, load_tokenizer
 from lorakit.optim import create_adamw, create_loraplus_optimizer
 from lorakit.train.batching import steps_per_epoch
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TrainConfig, check_against_model
 from lorakit.train.schedule import resolve_warmup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,6 +68,7 @@ def load_base(config: TrainConfig, device: torch.device) -> tuple[nn.Module, obj
         compute_dtype=DTYPES[config.compute_dtype],
         device=device,
     )
+    check_against_model(config, getattr(model, "config", None))
     model.to(device)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
