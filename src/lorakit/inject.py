@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from lorakit.config import TASK_HEAD_MODULES
 from lorakit.layers import Conv1D, LoraLayer, is_supported, make_lora_layer
 from lorakit.mha_layer import MultiheadAttention
 
@@ -205,6 +206,17 @@ def _check_every_target_exists(model: nn.Module, config) -> None:
             )
 
 
+def _check_every_module_to_save_exists(model: nn.Module, module_names: list[str]) -> None:
+    optional = {head for heads in TASK_HEAD_MODULES.values() for head in heads}
+    all_names = [n for n, _ in model.named_modules() if n and not _inside_wrapper(n)]
+    for entry in module_names:
+        if entry not in optional and not any(name_matches(n, [entry]) for n in all_names):
+            raise ValueError(
+                f"modules_to_save entry {entry!r} matches no module of the model. "
+                f"Some module names that exist: {_examples(model, 12)}."
+            )
+
+
 def _examples(model: nn.Module, count: int, linear: bool = False) -> str:
     leaf_names = []
     for name, module in model.named_modules():
@@ -257,9 +269,14 @@ def inject_adapter(model: nn.Module, config, adapter_name: str) -> list[str]:
 
 
 def inject_modules_to_save(model: nn.Module, module_names: list[str] | None, adapter_name: str) -> list[str]:
-    """Wrap each module named (suffix match) in ``module_names`` so it trains in full for this adapter."""
+    """Wrap each module named (suffix match) in ``module_names`` so it trains in full for this adapter.
+
+    An entry that matches no module is an error, as for ``target_modules``, except the task heads lorakit and
+    PEFT add by themselves (``classifier`` and ``score`` for sequence classification: a model has one of them).
+    """
     if not module_names:
         return []
+    _check_every_module_to_save_exists(model, module_names)
     wrapped = []
     for name, module in list(model.named_modules()):
         if not name or _inside_wrapper(name) or not name_matches(name, module_names):

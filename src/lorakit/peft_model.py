@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.config import LoraConfig, PeftConfig, PeftType, load_config
+from lorakit.model_card import base_model_name
 from lorakit.saving import (
     PICKLE_REFUSED,
     load_peft_weights,
@@ -27,7 +28,7 @@ from lorakit.saving import (
     save_adapters,
 )
 from lorakit.serialization import load_into_model
-from lorakit.tuner import LoraModel
+from lorakit.tuner import LoraModel, restored_on_failure
 
 __all__ = ["PeftModel", "get_peft_model", "register_tuner", "resolve_adapter_dir"]
 
@@ -37,11 +38,6 @@ TUNERS: dict[PeftType, type[nn.Module]] = {PeftType.LORA: LoraModel}
 
 def register_tuner(peft_type: PeftType, tuner_cls: type[nn.Module]) -> None:
     TUNERS[peft_type] = tuner_cls
-
-
-def _base_model_name(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
 class PeftModel(nn.Module):
@@ -68,7 +64,7 @@ class PeftModel(nn.Module):
                 f"peft_config must be a lorakit config (LoraConfig, ...), got {type(peft_config).__name__}."
             )
         if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = _base_model_name(model)
+            peft_config.base_model_name_or_path = base_model_name(model)
         tuner_cls = TUNERS.get(peft_config.peft_type)
         if tuner_cls is None:
             raise ValueError(f"No tuner registered for {peft_config.peft_type}.")
@@ -153,7 +149,7 @@ class PeftModel(nn.Module):
     ) -> None:
         """Inject a new, untrained adapter; it does not become active (``set_adapter`` does that)."""
         if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = _base_model_name(self.get_base_model())
+            peft_config.base_model_name_or_path = base_model_name(self.get_base_model())
         self.base_model.add_adapter(adapter_name, peft_config)
         self.base_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
@@ -247,7 +243,8 @@ class PeftModel(nn.Module):
         """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder, or a Hub repo id).
 
         Unless ``is_trainable``, the adapter is frozen and the model is put in eval mode (dropout off), as in
-        PEFT. Loading is strict: a missing, unexpected or mis-shaped tensor raises, naming the key.
+        PEFT. Loading is strict: a missing, unexpected or mis-shaped tensor raises, naming the key, and leaves
+        ``model`` exactly as it was (no adapter layer left in it), so it can be loaded again.
         """
         directory = resolve_adapter_dir(model_id, **kwargs)
         if config is not None and not isinstance(config, PeftConfig):
@@ -256,15 +253,16 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         if key_mapping is None:
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        peft_model.load_adapter(
-            directory,
-            adapter_name,
-            is_trainable=is_trainable,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            key_mapping=key_mapping,
-            allow_pickle=allow_pickle,
-        )
+        with restored_on_failure(model):
+            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            peft_model.load_adapter(
+                directory,
+                adapter_name,
+                is_trainable=is_trainable,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                key_mapping=key_mapping,
+                allow_pickle=allow_pickle,
+            )
         return peft_model
 
     def load_adapter(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,6 +45,36 @@ def with_task_heads(config: LoraConfig) -> LoraConfig:
     config = copy.copy(config)
     config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
     return config
+
+
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Put ``model`` back as it was when the block raises: its sub-modules, parameters, ``requires_grad`` flags
+    and train/eval modes; ``cleanup`` runs first (to drop per-adapter entries of layers that stay).
+
+    Injecting an adapter swaps modules in their parents (``setattr``) and adds entries to per-adapter
+    containers; restoring every module's own tables of children and parameters undoes both, however far the
+    injection or loading got, so a failed ``get_peft_model`` or ``from_pretrained`` can be retried.
+    """
+    modules = list(model.modules())
+    tables = [(m, dict(m._modules), dict(m._parameters)) for m in modules]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in modules]
+    try:
+        yield
+    except BaseException:
+        if cleanup is not None:
+            cleanup()
+        for module, children, parameters in tables:
+            module._modules.clear()
+            module._modules.update(children)
+            module._parameters.clear()
+            module._parameters.update(parameters)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, training in modes:
+            module.training = training
+        raise
 
 
 class BaseTuner(nn.Module):
@@ -233,6 +263,8 @@ class BaseTuner(nn.Module):
             return
         for _, layer in self.adapter_layers():
             weight = getattr(getattr(layer, "base_layer", None), "weight", None)
+            if weight is None and hasattr(layer, "base_weight"):
+                weight = layer.base_weight()  # e.g. MultiheadAttention: its in_proj weight
             dtype = getattr(weight, "dtype", None)
             if dtype is None or not dtype.is_floating_point:
                 continue
@@ -251,13 +283,22 @@ class LoraModel(BaseTuner):
         """Inject a new adapter; the active adapter does not change (as in PEFT)."""
         config = with_task_heads(config)
         self._check_new_adapter(adapter_name, config)
-        inject_adapter(self.model, config, adapter_name)
-        inject_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        with restored_on_failure(self.model, lambda: self._forget(adapter_name)):
+            inject_adapter(self.model, config, adapter_name)
+            inject_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
 
     def adapter_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         return lora_layers(self.model)
+
+    def _forget(self, adapter_name: str) -> None:
+        """Drop a half-injected adapter from the layers that held other adapters before."""
+        for _, layer in lora_layers(self.model):
+            if adapter_name in layer.r:
+                layer.delete_adapter(adapter_name)
+        for _, wrapper in save_wrappers(self.model):
+            wrapper.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
     def mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:

@@ -11,6 +11,7 @@ the base model's weights are stored in (a bf16 base gives a bf16 merged model), 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,18 +52,48 @@ def saved_dtype(precision: str, base: str | None):
     return stored_dtype(base) if precision == "auto" else DTYPES[precision]
 
 
+def _output_problem(out: Path, force: bool) -> str | None:
+    """Why the merged model cannot go to ``out`` (None: it can)."""
+    if out.exists() and not out.is_dir():
+        return f"{out} is a file, not a folder; choose a folder path for --output_dir."
+    if out.is_dir() and any(out.iterdir()) and not force:
+        return f"{out} is not empty; choose another --output_dir or pass --force."
+    return None
+
+
+def check_adapter_config(adapter: Path) -> None:
+    """Raise ``ValueError`` naming ``adapter_config.json`` when it is not a readable JSON object.
+
+    Checked before anything is loaded, so a corrupt file is reported as such (with its path) and not as a
+    bare JSON or Unicode error from deep inside the loading code.
+    """
+    path = adapter / "adapter_config.json"
+    if not path.is_file():
+        return  # the loader says the folder is not an adapter (or fetches a Hub repository)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: the file is corrupt. Save the adapter again.") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}): the file is "
+            "corrupt. Save the adapter again."
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}: the file is corrupt.")
+
+
 def run(args: argparse.Namespace) -> int:
     from lorakit.models import ModelLoadError
     from lorakit.train.inference import load_for_inference, resolve_base
 
     out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        print(
-            f"lorakit merge: error: {out} is not empty; choose another --output_dir or pass --force.",
-            file=sys.stderr,
-        )
+    problem = _output_problem(out, args.force)
+    if problem:
+        print(f"lorakit merge: error: {problem}", file=sys.stderr)
         return 1
     try:
+        check_adapter_config(Path(args.adapter))
         dtype = saved_dtype(args.precision, resolve_base(args.model, args.adapter))
         model, tokenizer = load_for_inference(args.model, args.adapter, device="cpu", dtype="fp32")
         merged = model.merge_and_unload()  # ValueError for e.g. a bottleneck Adapter: nothing to merge into

@@ -14,6 +14,9 @@ in :data:`SPELLING_NOTE`.
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Callable, Iterator
+from itertools import takewhile
 from typing import Any
 
 # canonical name -> other names accepted for it (each also with dashes)
@@ -66,6 +69,66 @@ def add_option(
     kwargs.setdefault("dest", name.replace("-", "_"))
     flags = spellings(name, *VOCABULARY.get(name.replace("-", "_"), ()), *long_names)
     return parser.add_argument(*short, *flags, **kwargs)
+
+
+def conflicting_spellings(
+    parser: argparse.ArgumentParser, tokens: list[str], canonical: Callable[[str], str] = str
+) -> str | None:
+    """The error for one option given under two spellings with different values, else None.
+
+    ``--r 8 --lora_r 16`` (an alias and its name, or ``--out`` and ``--output_dir``) would otherwise resolve
+    silently by order. ``canonical`` maps a flag as typed to the flag ``parser`` knows (``--r`` ->
+    ``--lora_r``). The same value twice passes, and so does one spelling repeated: the last wins, as usual.
+    """
+    seen: dict[str, tuple[str, list[str]]] = {}
+    for flag, dest, values in _occurrences(parser, tokens, canonical):
+        if dest in seen:
+            first, first_values = seen[dest]
+            if _spelling(first) != _spelling(flag) and _values(first_values) != _values(values):
+                return (
+                    f"{first} {' '.join(first_values)} and {flag} {' '.join(values)} both set '{dest}'; "
+                    "give it once."
+                )
+        seen[dest] = (flag, values)
+    return None
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse takes as a value, not an option
+
+
+def _occurrences(
+    parser: argparse.ArgumentParser, tokens: list[str], canonical: Callable[[str], str]
+) -> Iterator[tuple[str, str, list[str]]]:
+    """``(flag as typed, dest, values)`` for each value-taking option of ``parser`` in ``tokens``."""
+    for index, token in enumerate(tokens):
+        if token == "--":
+            return
+        name, equals, value = token.partition("=")
+        action = parser._option_string_actions.get(canonical(name)) if token.startswith("--") else None
+        if action is None or action.nargs == 0:
+            continue
+        if equals:
+            yield name, action.dest, [value]
+            continue
+        rest = tokens[index + 1 :]
+        following = list(takewhile(lambda t: not t.startswith("-") or bool(_NEGATIVE_NUMBER.match(t)), rest))
+        count = len(following) if action.nargs in ("+", "*") else min(len(following), 1)
+        yield name, action.dest, following[:count]
+
+
+def _spelling(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")  # --lora-r and --lora_r are one spelling
+
+
+def _values(values: list[str]) -> list[Any]:
+    """Values compared as numbers where they are numbers (``1e-3`` equals ``0.001``)."""
+    result: list[Any] = []
+    for value in values:
+        try:
+            result.append(float(value))
+        except ValueError:
+            result.append(value.strip())
+    return result
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -93,6 +93,24 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8-sig", newline="")
 
 
+def not_utf8(path: Path) -> DatasetError:
+    """The error for a file that does not decode as UTF-8, naming the first bad line and byte.
+
+    Called after a decode failed, so the file is read a second time only then; lines are counted as the
+    readers count them (UTF-8 never has a newline byte inside a multi-byte character).
+    """
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return DatasetError(
+                    f"{path}, line {number}: not UTF-8 text (byte {line[error.start]:#04x} at byte "
+                    f"{error.start + 1} of the line). Save the file as UTF-8, e.g. iconv -f latin1 -t utf-8."
+                )
+    return DatasetError(f"{path}: not UTF-8 text. Save the file as UTF-8.")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """One JSON object per line; blank lines are skipped; a bad line stops with its line number."""
     records = []
@@ -109,8 +127,8 @@ def read_jsonl(path: Path) -> list[dict]:
                         "Each line of a .jsonl file must be one complete JSON object."
                     ) from None
                 records.append(_as_record(value, path, f"line {number}"))
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text ({error}).") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return records
 
 
@@ -118,8 +136,8 @@ def read_json(path: Path) -> list[dict]:
     """A JSON array of objects, an object holding one such array (e.g. ``{"data": [...]}``), or JSON lines."""
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text ({error}).") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -139,28 +157,58 @@ def read_json(path: Path) -> list[dict]:
 
 
 def read_csv(path: Path) -> list[dict]:
-    """A header row, then one record per row (``.tsv``: tab-separated). Empty cells become ``""``."""
+    """A header row, then one record per row (``.tsv``: tab-separated); blank lines are skipped.
+
+    Every row must have as many cells as the header (an empty cell is ``""``, written ``a,,c``). Quoting is
+    strict: a quote left open is an error naming the line where it opened, where a lenient reader would
+    merge the rest of the file into one cell.
+    """
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    records = []
+    records: list[dict] = []
+    start = 1  # the line the current row starts on (a quoted cell may span lines)
     try:
         with _open_text(path) as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            if reader.fieldnames is None:  # reads the header row; an empty file has none
+            reader = csv.reader(handle, delimiter=delimiter, strict=True)
+            header = next(reader, None)
+            if header is None:  # an empty file
                 return []
             start = reader.line_num + 1
             for row in reader:
-                if None in row:
-                    raise DatasetError(
-                        f"{path}, line {start}: {len(row) + len(row[None]) - 1} cells but the header has "
-                        f"{len(reader.fieldnames or [])} columns (quote cells that contain '{delimiter}')."
-                    )
-                records.append(Record({k: ("" if v is None else v) for k, v in row.items()}, f"line {start}"))
+                if row:
+                    _check_cells(path, row, header, start, delimiter)
+                    records.append(Record(dict(zip(header, row)), f"line {start}"))
                 start = reader.line_num + 1
     except csv.Error as error:
-        raise DatasetError(f"{path}, line {reader.line_num}: malformed CSV ({error}).") from None
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text ({error}).") from None
+        raise _csv_error(path, error, start, reader.line_num) from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return records
+
+
+def _check_cells(path: Path, row: list[str], header: list[str], line: int, delimiter: str) -> None:
+    if len(row) == len(header):
+        return
+    hint = (
+        f"quote cells that contain '{delimiter}'"
+        if len(row) > len(header)
+        else f"write empty cells as '{delimiter}{delimiter}'"
+    )
+    raise DatasetError(
+        f"{path}, line {line}: {len(row)} cells but the header has {len(header)} columns ({hint})."
+    )
+
+
+def _csv_error(path: Path, error: csv.Error, start: int, line: int) -> DatasetError:
+    if "unexpected end of data" in str(error):
+        return DatasetError(
+            f"{path}, line {start}: a quote opened in this row is never closed, so every later line would "
+            'become part of one cell. Close the quote, and double quotes inside a quoted cell ("").'
+        )
+    opened = f" (the row and its quote start on line {start})" if start != line else ""
+    return DatasetError(
+        f"{path}, line {line}: malformed CSV ({error}){opened}. A quoted cell must end right before "
+        f'the delimiter or the line end; double quotes inside a quoted cell ("").'
+    )
 
 
 def read_parquet(path: Path) -> list[dict]:

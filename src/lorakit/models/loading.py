@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lorakit.models.embedded import EMBEDDED_CACHE_NAME, EMBEDDED_HUB_ID, embedded_gguf_path, is_default_model
 from lorakit.models.errors import ModelLoadError, ModelNotFoundError
@@ -123,12 +124,48 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a ``.safetensors`` file, checked against the file's size.
+
+    The format is an 8-byte little-endian header length, the JSON header, then the tensor bytes at the
+    header's ``data_offsets``. Raises :class:`ModelLoadError` naming the file when it is empty, truncated
+    (the tensors end past the end of the file) or not safetensors at all.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if size < 8:
+            raise _corrupt(path, f"{size} bytes, not even the 8-byte header length" if size else "empty")
+        if length > size - 8:
+            raise _corrupt(path, f"its header length reads {length:,} bytes in a file of {size:,} bytes")
+        try:
+            header = json.loads(handle.read(length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise _corrupt(path, "its header is not a safetensors header") from None
+    if 8 + length + max(ends, default=0) > size:
+        raise _corrupt(path, f"{size} bytes, but its tensors need {8 + length + max(ends)}")
+    return header
+
+
+def _corrupt(path: Path, detail: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path} is corrupt or truncated ({detail}). Download or save the model again (an interrupted "
+        "download or copy leaves such files)."
+    )
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Check the header of every ``*.safetensors`` file of a local model folder (nothing for a Hub id)."""
+    for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        safetensors_header(path)
+
+
 def _safetensors_dtype(folder: Path) -> torch.dtype | None:
     """The floating dtype holding most elements in the folder's ``*.safetensors`` headers (None if none)."""
     elements: Counter[str] = Counter()
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        header = safetensors_header(path)
         for name, entry in header.items():
             if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
                 count = 1
@@ -188,9 +225,10 @@ def load_model(
 
     source = resolve_source(name_or_path)
     folder = _source_folder(source, cache_dir)
+    check_weight_files(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise _pretrained_error("model", str(name_or_path or "smollm2"), error) from error
     model.config.name_or_path = recorded_name(source)  # what an adapter records as its base
     if device is not None:

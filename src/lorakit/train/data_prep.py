@@ -94,8 +94,9 @@ def prepare_data(config: TrainConfig, tokenizer: Any, say: Callable[[str], None]
     if eval_records is None:
         train_records, eval_records = split_records(train_records, config.eval_split, config.seed)
     train, train_stats = _tokenize(train_records, tokenizer, config, train_source)
+    # Held out by eval_split: the records come from the training file and keep their own line numbers.
     evaluation, eval_stats = (
-        _tokenize(eval_records, tokenizer, config, eval_source or "") if eval_records else ([], {})
+        _tokenize(eval_records, tokenizer, config, eval_source or train_source) if eval_records else ([], {})
     )
     if not train:
         raise DatasetError(
