@@ -169,3 +169,64 @@ def test_load_best_model_at_end_alone_trains_to_the_end(stopped_run, inputs, tmp
     ):
         best = adapter_tensors(best_dir)
         assert all(torch.equal(final[k], best[k]) for k in final)
+
+
+# ------------------------------------------------------------------------------ best/ after the resume point
+@pytest.fixture(scope="module")
+def kept_run(inputs, tmp_path_factory):
+    """Every step evaluated and checkpointed, the best adapter delivered at the end."""
+    output_dir = tmp_path_factory.mktemp("es") / "kept"
+    flags = _flags(inputs, output_dir, max_steps=6, save_total_limit=10, load_best_model_at_end="true")
+    return output_dir, train(load_config(None, flags))
+
+
+def _resume_after_a_stale_best(kept_run, inputs, copy, *, keep_best_checkpoint: bool):
+    """Resume one step after the best from a copy whose best/ was written beyond the resume point.
+
+    The abandoned continuation's best/ is simulated by the last state (step 6), recorded with a loss below
+    every real one: kept, it would be the delivered adapter, since the resumed run never improves on it.
+    """
+    output_dir, result = kept_run
+    best_step, last = result.summary["best_step"], result.summary["steps"]
+    resume_step = best_step + 1
+    assert resume_step < last
+    shutil.copytree(output_dir, copy)
+    for later in range(resume_step + 1, last + 1):
+        shutil.rmtree(copy / "checkpoints" / f"step-{later:08d}")
+    if not keep_best_checkpoint:  # pruned, as by save_total_limit
+        shutil.rmtree(copy / "checkpoints" / f"step-{best_step:08d}")
+    shutil.rmtree(copy / "adapter")
+    shutil.rmtree(copy / "best")
+    shutil.copytree(output_dir / "checkpoints" / f"step-{last:08d}" / "adapter", copy / "best")
+    shutil.copy(output_dir / "checkpoints" / f"step-{last:08d}" / "trainable.safetensors", copy / "best")
+    (copy / "best" / "best.json").write_text(json.dumps({"step": last, "eval_loss": 0.5}))
+    flags = _flags(inputs, copy, max_steps=6, save_total_limit=10, load_best_model_at_end="true")
+    return train(load_config(None, flags | {"resume": "true"}))
+
+
+def test_resume_replaces_a_best_written_after_the_checkpoint(kept_run, inputs, tmp_path, capsys) -> None:
+    _, result = kept_run
+    resumed = _resume_after_a_stale_best(kept_run, inputs, tmp_path / "run", keep_best_checkpoint=True)
+    best_step = result.summary["best_step"]
+    for key in ("best_step", "best_eval_loss"):
+        assert resumed.summary[key] == result.summary[key]
+    final, expected = adapter_tensors(resumed.adapter_dir), adapter_tensors(result.adapter_dir)
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
+    best = adapter_tensors(tmp_path / "run" / "best")
+    assert all(torch.equal(final[k], best[k]) for k in final)
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == best_step
+    source = tmp_path / "run" / "checkpoints" / f"step-{best_step:08d}"
+    assert f"best rebuilt from {source}" in capsys.readouterr().out
+
+
+def test_resume_drops_a_stale_best_whose_replacement_is_pruned(kept_run, inputs, tmp_path, capsys) -> None:
+    _, result = kept_run
+    resumed = _resume_after_a_stale_best(kept_run, inputs, tmp_path / "run", keep_best_checkpoint=False)
+    assert resumed.summary["best_step"] == result.summary["best_step"]  # never the abandoned step 6
+    assert not (tmp_path / "run" / "best").exists()  # no improvement after the resume point
+    final = adapter_tensors(resumed.adapter_dir)
+    last = adapter_tensors(tmp_path / "run" / "checkpoints" / f"step-{6:08d}" / "adapter")
+    assert all(torch.equal(final[k], last[k]) for k in final)  # the last state, and it says so
+    out = capsys.readouterr().out
+    assert "after the resume point); the checkpoint of the best step so far" in out
+    assert f"note: the best adapter (step {result.summary['best_step']}) is no longer on disk" in out

@@ -200,6 +200,11 @@ def optimizer_from_safetensors(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """The folder of checkpoint ``step`` under ``root``: ``step-00000120``."""
+    return root / f"step-{step:08d}"
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -215,7 +220,7 @@ def save_checkpoint(
 
     ``method_state``: extra tensors of the adapter method (AdaLoRA's allocator), in ``method.safetensors``.
     """
-    final = root / f"step-{step:08d}"
+    final = checkpoint_dir(root, step)
     temp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     trainable = trainable_state(model)
     check_finite(trainable, final, root)

@@ -18,7 +18,10 @@ to ``best/``), the summary and the before/after samples are the best adapter's, 
 checkpoint keeps the last state for ``--resume``.
 
 Resume needs no extra saved state: the early-stopping counters are replayed from the eval lines of
-``metrics.jsonl``, which resume truncates to the checkpoint's step.
+``metrics.jsonl``, which resume truncates to the checkpoint's step. A ``best/`` written after that
+checkpoint (its step beyond the resume step) belongs to the abandoned continuation: it is replaced by the
+replayed best, copied from that step's checkpoint when it is still there, or else dropped, and the resumed
+run writes ``best/`` again at its next improvement.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +87,18 @@ def save_best(model: nn.Module, folder: Path, step: int, loss: float) -> None:
         ckpt.replace_folder(temp, folder)
 
 
+def copy_best(checkpoint: Path, folder: Path, step: int, loss: float) -> None:
+    """Write ``best/`` from a complete checkpoint of ``step`` (its adapter and trainable parameters)."""
+    temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    checkpoints = folder.parent / "checkpoints"
+    with ckpt.writing(temp, folder, checkpoints):
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.copytree(checkpoint / "adapter", temp)
+        shutil.copy2(checkpoint / TRAINABLE_FILE, temp / TRAINABLE_FILE)
+        ckpt.write_json(temp / BEST_FILE, {"step": step, "eval_loss": loss})
+        ckpt.replace_folder(temp, folder)
+
+
 def read_best(folder: Path) -> dict[str, Any] | None:
     """``best.json`` of a complete ``best/`` folder, or None."""
     try:
@@ -125,10 +141,17 @@ class BestAdapter:
             is_main=is_main,
         )
 
-    def start(self, has_eval_data: bool, metrics_path: Path, resume_step: int | None) -> None:
+    def start(
+        self,
+        has_eval_data: bool,
+        metrics_path: Path,
+        resume_step: int | None,
+        say: Callable[[str], None] = print,
+    ) -> None:
         """Before the first step. A fresh run (``resume_step`` None) drops an old ``best/``; a run resumed
         from the checkpoint of ``resume_step`` replays the eval lines of ``metrics_path`` up to that step
-        (other ranks may read the file before rank 0 has truncated it, hence the filter on the step)."""
+        (other ranks may read the file before rank 0 has truncated it, hence the filter on the step) and
+        then makes ``best/`` agree with the replayed counters (:meth:`_reconcile`)."""
         if not has_eval_data and not self.enabled:
             self.keeps = False
             return
@@ -146,6 +169,32 @@ class BestAdapter:
             for record in read_metrics(metrics_path):
                 if record.get("eval_loss") is not None and 0 < record["step"] <= resume_step:
                     self.stopping.update(record["step"], record["eval_loss"])
+            if self.is_main:
+                self._reconcile(resume_step, say)
+
+    def _reconcile(self, resume_step: int, say: Callable[[str], None]) -> None:
+        """Rank 0, on resume: drop a ``best/`` written after the checkpoint of ``resume_step``, and rebuild
+        it from the checkpoint of the replayed best step when that checkpoint is still there."""
+        info = read_best(self.folder)
+        if info is not None and info["step"] <= resume_step:
+            return
+        stale = f" (step {info['step']}, after the resume point)" if info is not None else ""
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        step, loss = self.stopping.best_step, self.stopping.best_loss
+        if step is None:
+            if stale:
+                say(f"resume: removed {self.folder}{stale}")
+            return
+        source = ckpt.checkpoint_dir(self.folder.parent / "checkpoints", step)
+        if ckpt.is_complete(source):
+            copy_best(source, self.folder, step, loss)
+            say(f"resume: {self.folder} rebuilt from {source} (step {step}, held-out loss {loss:.4f})")
+        elif stale:
+            say(
+                f"resume: removed {self.folder}{stale}; the checkpoint of the best step so far ({step}) "
+                "is gone, so best/ is written again at the next improvement"
+            )
 
     def observe(self, step: int, loss: float | None, model: nn.Module) -> bool:
         """Count the evaluation at ``step``; on a new best, rank 0 writes ``best/``."""
@@ -174,13 +223,22 @@ class BestAdapter:
             return None
         return f"{self.folder} (step {info['step']}, held-out loss {info['eval_loss']:.4f})"
 
-    def restore(self, model: nn.Module) -> dict[str, Any] | None:
-        """Rank 0: load ``best/``'s trainable parameters into ``model``; returns ``best.json`` or None."""
+    def restore(self, model: nn.Module, say: Callable[[str], None] = print) -> dict[str, Any] | None:
+        """Rank 0: load ``best/``'s trainable parameters into ``model``; returns ``best.json`` or None.
+
+        None with a best step on record happens after a resume that found the best step's checkpoint
+        pruned (:meth:`_reconcile`) and no later improvement: the model keeps its last state, and says so.
+        """
         if not (self.enabled and self.is_main):
             return None
         info = read_best(self.folder)
         if info is not None:
             ckpt.load_trainable_state(model, load_file(str(self.folder / TRAINABLE_FILE)))
+        elif self.stopping.best_step is not None:
+            say(
+                f"note: the best adapter (step {self.stopping.best_step}) is no longer on disk; "
+                "the final adapter is the last state"
+            )
         self.restored = info
         return info
 

@@ -294,7 +294,7 @@ class Trainer(CheckpointMixin, DivergenceMixin):
     def _start_tracking(self, resumed: bool) -> None:
         """Early-stopping state (replayed from the kept metrics on resume) and the report_to trackers."""
         resume_step = self.state.step if resumed else None
-        self.best.start(bool(self.data.eval), self.metrics.path, resume_step)
+        self.best.start(bool(self.data.eval), self.metrics.path, resume_step, say=self.say)
         self.start_held_out(resume_step)
         self.trackers = open_trackers(self.config, enabled=self.context.is_main, resume_step=resume_step)
         self.metrics.listeners.append(self.trackers.log_record)
@@ -353,7 +353,7 @@ class Trainer(CheckpointMixin, DivergenceMixin):
         if self.config.save_steps == 0 or self.state.step % self.config.save_steps != 0:
             self.save()
         stop_point(self, last=True)  # a signal during the final evaluation stops here; later ones abort
-        self.best.restore(self.model)  # after the final checkpoint, which keeps the last state for resume
+        self.best.restore(self.model, say=self.say)  # after the final checkpoint, which keeps the last state
         adapter_dir = self.output_dir / "adapter"
         result = TrainResult(self.output_dir, adapter_dir)
         if self.context.is_main:
