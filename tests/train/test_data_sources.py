@@ -87,6 +87,20 @@ def test_without_eval_split_the_fraction_is_held_out(saved_dataset) -> None:
     assert load_sources(config)[1] is None  # prepare_data then holds out eval_split
 
 
+def test_column_mapping_renames_the_users_eval_dataset_not_the_bundled_sample(saved_dataset) -> None:
+    """No dataset: training uses the bundled sample as it is; the mapping renames eval_dataset only."""
+    config = load_config(
+        None,
+        {"eval_dataset": str(saved_dataset), "eval_dataset_split": "validation", "column_mapping": MAPPING},
+    )
+    train_records, held, train_source, eval_source = load_sources(config)
+    assert train_source.endswith("train.jsonl") and train_records and "instruction" in train_records[0]
+    assert eval_source == str(saved_dataset)
+    assert [dict(r) for r in held] == [
+        {"instruction": r["instruction"], "output": r["output"]} for r in qa_records(4, offset=100)
+    ]
+
+
 def test_source_errors_name_splits_and_columns(saved_dataset) -> None:
     config = load_config(None, {"dataset": str(saved_dataset), "dataset_split": "test"})
     with pytest.raises(DatasetError, match="available splits: train, validation"):

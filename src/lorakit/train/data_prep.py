@@ -2,8 +2,9 @@
 
 Sources: ``dataset`` (or the bundled sample when empty; split ``dataset_split``, subset ``dataset_config``)
 and ``eval_dataset`` or the ``eval_dataset_split`` of ``dataset``; without either a seeded ``eval_split``
-fraction of the training records is held out. ``column_mapping`` renames columns of both. Examples whose labels carry no
-trained token after truncation are dropped and counted; an empty result is an error before training.
+fraction of the training records is held out. ``column_mapping`` renames columns of the user's sources
+(never of the bundled sample). Examples whose labels carry no trained token after truncation are
+dropped and counted; an empty result is an error before training.
 """
 
 from __future__ import annotations
@@ -64,20 +65,22 @@ def load_sources(config: TrainConfig) -> tuple[list[dict], list[dict] | None, st
 
     Held-out data: ``eval_dataset`` (split ``eval_dataset_split``, default train), else split
     ``eval_dataset_split`` of ``dataset`` (with ``dataset_config``), else None (``eval_split`` is held out).
-    ``column_mapping`` applies to both.
+    ``column_mapping`` applies to the user's sources only, never to the bundled sample (already in
+    lorakit's columns): with no ``dataset`` but an ``eval_dataset``, it renames the held-out data alone.
     """
     mapping = config.column_mapping
     if config.dataset is None:
         train_path, eval_path = sample_dataset()
         train_source, eval_source = str(train_path), config.eval_dataset or str(eval_path)
-        train = load_records(train_source, column_mapping=mapping)
+        train = load_records(train_source)
     else:
         train_source, eval_source = config.dataset, config.eval_dataset
         train = load_records(
             train_source, config.dataset_split, config=config.dataset_config, column_mapping=mapping
         )
     if eval_source is not None:
-        held = load_records(eval_source, config.eval_dataset_split, column_mapping=mapping)
+        eval_mapping = mapping if config.eval_dataset is not None else None
+        held = load_records(eval_source, config.eval_dataset_split, column_mapping=eval_mapping)
     elif config.eval_dataset_split:
         eval_source = f"{train_source} (split {config.eval_dataset_split})"
         held = load_records(
