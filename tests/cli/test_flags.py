@@ -8,6 +8,7 @@ import pytest
 
 from lorakit.cli import build_parser, main
 from lorakit.cli.options import VOCABULARY, add_option, spellings
+from lorakit.train.config import ALIASES, FIELD_NAMES
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -110,3 +111,31 @@ def test_merge_defaults_and_required_output(capsys) -> None:
 def test_train_accepts_the_shared_vocabulary(flags: list[str], expected: str, capsys) -> None:
     assert main(["train", *flags, "--print-config"]) == 0
     assert expected in capsys.readouterr().out
+
+
+# A valid value for each config key that has shared aliases (a new one fails below until it is added).
+TRAIN_VALUES = {
+    "model": "some/model",
+    "output_dir": "somewhere",
+    "precision": "bf16",
+    "dataset": "data.jsonl",
+    "dataset_format": "text",
+    "max_seq_length": "77",
+    "micro_batch_size": "3",
+}
+TRAIN_VOCABULARY = [
+    (alias, canonical)
+    for canonical, aliases in VOCABULARY.items()
+    if canonical in FIELD_NAMES
+    for alias in aliases
+]
+
+
+@pytest.mark.parametrize(("alias", "canonical"), TRAIN_VOCABULARY)
+def test_train_accepts_every_shared_alias_of_a_config_key(alias: str, canonical: str, capsys) -> None:
+    """Derived from VOCABULARY itself, so an alias added there for another sub-command is checked here."""
+    value = TRAIN_VALUES[canonical]
+    assert ALIASES.get(alias, canonical) == canonical  # no config short name means something else
+    for flag in spellings(alias):
+        assert main(["train", flag, value, "--print-config"]) == 0, flag
+        assert f"{canonical}: {value}\n" in capsys.readouterr().out, flag

@@ -5,7 +5,8 @@ The canonical names are the training config's keys (``--output_dir``, ``--precis
 (``--out``, ``--dtype``, ``--max_length``, ...). :func:`add_option` registers an option under every
 spelling of its canonical name and aliases, so ``--max-seq-length``, ``--max_seq_length``,
 ``--max-length`` and ``--max_length`` all set ``args.max_seq_length``. ``lorakit train`` reaches the same
-vocabulary through the config's key normalisation plus :data:`TRAIN_ALIASES`.
+vocabulary through the config's key normalisation plus :data:`TRAIN_ALIASES`, which is derived from
+:data:`VOCABULARY` (every alias whose canonical name is a config key).
 
 Help pages list the underscore spellings only (:class:`HelpFormatter`); the dash spellings are noted
 in :data:`SPELLING_NOTE`.
@@ -18,6 +19,8 @@ import re
 from collections.abc import Callable, Iterator
 from itertools import takewhile
 from typing import Any
+
+from lorakit.train.config import FIELD_NAMES
 
 # canonical name -> other names accepted for it (each also with dashes)
 VOCABULARY: dict[str, tuple[str, ...]] = {
@@ -32,12 +35,13 @@ VOCABULARY: dict[str, tuple[str, ...]] = {
     "max_new_tokens": ("sample_max_new_tokens",),
 }
 
-# ``lorakit train`` takes every config key as a flag; these CLI names map onto config keys too.
-TRAIN_ALIASES = {
-    "out": "output_dir",
-    "output": "output_dir",
-    "dtype": "precision",
-    "format": "dataset_format",
+# ``lorakit train`` takes every config key as a flag (and the config's own short names, ALIASES); every
+# VOCABULARY alias of a config key maps onto it too, derived here so that the two never drift apart.
+TRAIN_ALIASES: dict[str, str] = {
+    alias: canonical
+    for canonical, aliases in VOCABULARY.items()
+    if canonical in FIELD_NAMES
+    for alias in aliases
 }
 
 SPELLING_NOTE = (

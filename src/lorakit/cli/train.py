@@ -2,7 +2,8 @@
 
 Every config key is a flag; ``--lora.r 16``, ``--lora-r 16``, ``--lora_r 16`` and ``--r 16`` are the
 same, and the other sub-commands' names work too (``--out`` = ``--output_dir``, ``--dtype`` =
-``--precision``, ``--format`` = ``--dataset_format``). ``--print-config`` shows the resolved config as
+``--precision``, ``--format`` = ``--dataset_format``, ``--base_model`` = ``--model_name_or_path`` =
+``--model``). ``--print-config`` shows the resolved config as
 YAML and exits. Under ``torchrun`` the same command trains data-parallel.
 """
 
