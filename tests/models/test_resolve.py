@@ -18,7 +18,8 @@ from lorakit.models import (
     resolve_source,
 )
 from lorakit.models import embedded as embedded_module
-from lorakit.models.embedded import EMBEDDED_GGUF_NAME
+from lorakit.models import loading as loading_module
+from lorakit.models.embedded import EMBEDDED_GGUF_NAME, EMBEDDED_HUB_ID, EMBEDDED_HUB_ID_NOTICE
 
 
 @pytest.mark.parametrize("name", [None, DEFAULT_MODEL, "SmolLM2", "smollm2-135m-instruct"])
@@ -80,3 +81,34 @@ def test_hub_id_is_classified_as_hub_and_fails_clearly_offline(monkeypatch):
     assert resolve_source("someone/some-model").kind == "hub"
     with pytest.raises(ModelLoadError, match=r"Could not load the model 'someone/some-model'"):
         load_model("someone/some-model")
+
+
+def test_an_existing_local_folder_wins_over_the_embedded_names(tmp_path, monkeypatch, capsys):
+    """A folder literally named like the Hub id (or 'smollm2') is that folder, never the embedded copy."""
+    from tests.train.helpers import save_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    for name in (EMBEDDED_HUB_ID, "smollm2"):
+        save_tiny_model(tmp_path / name)
+        source = resolve_source(name)
+        assert (source.kind, source.location) == ("folder", name)
+        model = load_model(name)
+        assert model.config.name_or_path == str((tmp_path / name).resolve())
+        assert model.config.vocab_size == 128  # the tiny model, not SmolLM2's 49152
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_the_hub_id_says_once_that_it_loads_the_bundled_copy(tmp_path, monkeypatch, capsys):
+    from tests.train.helpers import save_tiny_model
+
+    tiny = save_tiny_model(tmp_path / "cache-stand-in")  # no real weights needed
+    monkeypatch.setattr(loading_module, "_source_folder", lambda source, cache_dir: str(tiny))
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    capsys.readouterr()
+    load_model(EMBEDDED_HUB_ID)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == [EMBEDDED_HUB_ID_NOTICE]  # one line (weight-loading progress bars aside)
+    assert "Q4_1 GGUF, dequantized" in notes[0] and "a folder downloaded from the Hub" in notes[0]
+    for name in (None, DEFAULT_MODEL):  # the short names ask for the bundled copy: nothing to say
+        load_model(name)
+    assert "note:" not in capsys.readouterr().err

@@ -27,9 +27,21 @@ def is_default_model(name: str | None) -> bool:
 
     The embedded file is the Q4_1 GGUF of ``HuggingFaceTB/SmolLM2-135M-Instruct``, dequantized; lorakit loads
     it for the Hub id too, so an adapter trained on the default model names its base portably and reloads
-    offline. To use the Hub's original weights instead, pass a folder downloaded from the Hub.
+    offline. To use the Hub's original weights instead, pass a folder downloaded from the Hub (an existing
+    local path always wins over these names, see :func:`lorakit.models.loading.resolve_source`).
     """
     return name is None or name.strip().lower() in DEFAULT_MODEL_ALIASES
+
+
+def is_embedded_hub_id(name: str | None) -> bool:
+    """True when ``name`` is the Hub id :data:`EMBEDDED_HUB_ID` (any case), which loads the embedded copy."""
+    return name is not None and name.strip().lower() == EMBEDDED_HUB_ID.lower()
+
+
+EMBEDDED_HUB_ID_NOTICE = (
+    f"note: {EMBEDDED_HUB_ID} is lorakit's bundled copy (the Q4_1 GGUF, dequantized); "
+    "a folder downloaded from the Hub gives the original weights"
+)
 
 
 def embedded_gguf_path() -> Path:

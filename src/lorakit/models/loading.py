@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from lorakit.models.embedded import EMBEDDED_CACHE_NAME, EMBEDDED_HUB_ID, embedded_gguf_path, is_default_model
+from lorakit.models.embedded import (
+    EMBEDDED_CACHE_NAME,
+    EMBEDDED_HUB_ID,
+    EMBEDDED_HUB_ID_NOTICE,
+    embedded_gguf_path,
+    is_default_model,
+    is_embedded_hub_id,
+)
 from lorakit.models.errors import ModelLoadError, ModelNotFoundError
 from lorakit.models.gguf_cache import cache_folder_name, cache_root, ensure_converted, gguf_fingerprint
 
@@ -53,12 +60,17 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_source(name_or_path: str | Path | None) -> ModelSource:
-    """Classify ``name_or_path`` without loading anything (raises for missing paths and invalid names)."""
-    name_or_path = None if name_or_path is None else str(name_or_path)
-    if is_default_model(name_or_path):
+    """Classify ``name_or_path`` without loading anything (raises for missing paths and invalid names).
+
+    An existing local file or folder comes first, as in transformers: a folder that happens to be named
+    ``HuggingFaceTB/SmolLM2-135M-Instruct`` (or ``smollm2``) is that folder, not the embedded model.
+    """
+    if name_or_path is None:
         return ModelSource("embedded", "smollm2", embedded_gguf_path())
-    assert name_or_path is not None
+    name_or_path = str(name_or_path)
     path = Path(name_or_path).expanduser()
+    if not path.exists() and is_default_model(name_or_path):
+        return ModelSource("embedded", "smollm2", embedded_gguf_path())
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(
@@ -224,6 +236,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(name_or_path)
+    if source.kind == "embedded" and is_embedded_hub_id(None if name_or_path is None else str(name_or_path)):
+        _say(EMBEDDED_HUB_ID_NOTICE)  # e.g. an adapter's recorded base: say which weights these are
     folder = _source_folder(source, cache_dir)
     check_weight_files(folder)
     try:
