@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.optim import create_adamw
+from lorakit.train import checkpoint as ckpt
 from lorakit.train.checkpoint import (
     clean_partial,
     latest_checkpoint,
@@ -18,6 +23,7 @@ from lorakit.train.checkpoint import (
     optimizer_from_safetensors,
     read_checkpoint,
     save_checkpoint,
+    write_adapter,
 )
 from lorakit.train.rng import capture_rng_state, restore_rng_state
 
@@ -97,6 +103,60 @@ def test_keeps_last_k_and_ignores_partial(tmp_path) -> None:
     assert latest_checkpoint(tmp_path).name == "step-00000003"
     clean_partial(tmp_path)
     assert not (tmp_path / ".tmp-step-00000004-999").exists()
+
+
+def _fsynced(monkeypatch) -> list[str]:
+    """Record the paths passed to os.fsync (by descriptor) during the test."""
+    names: list[str] = []
+    real = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        names.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real(descriptor)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    return names
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads descriptor paths from /proc")
+def test_checkpoint_and_final_adapter_are_fsynced_then_renamed(tmp_path, monkeypatch) -> None:
+    model, optimizer = _model_and_optimizer()
+    fsynced = _fsynced(monkeypatch)
+    folder = _save(tmp_path / "checkpoints", 1, model, optimizer)
+    assert any(name.endswith("/trainer_state.json") for name in fsynced)
+    assert str(folder.parent) in fsynced  # the rename itself is made durable
+    fsynced.clear()
+    adapter_dir = tmp_path / "adapter"
+    for _ in range(2):  # a first write, then a replacement
+        write_adapter(model, adapter_dir, tmp_path / "checkpoints")
+        assert any(name.endswith("/adapter_model.safetensors") for name in fsynced)
+        assert str(tmp_path) in fsynced
+        fsynced.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoints"]
+
+
+def test_replacing_the_final_adapter_never_leaves_a_half_deleted_one(tmp_path, monkeypatch) -> None:
+    """A crash while the old adapter is deleted: adapter/ is then complete (old or new) or absent."""
+    model, optimizer = _model_and_optimizer()
+    adapter_dir = tmp_path / "adapter"
+    write_adapter(model, adapter_dir, tmp_path / "checkpoints")
+    complete = {p.name for p in adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= complete
+    real_rmtree = shutil.rmtree
+
+    def crashing_rmtree(path, *args, **kwargs):
+        files = sorted(p for p in Path(path).iterdir() if p.is_file()) if os.path.isdir(path) else []
+        if files and not os.path.basename(path).startswith(".tmp-"):
+            files[0].unlink()  # killed after the first file
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", crashing_rmtree)
+    _train_steps(model, optimizer, 1)
+    with pytest.raises(KeyboardInterrupt):
+        write_adapter(model, adapter_dir, tmp_path / "checkpoints")
+    if adapter_dir.exists():
+        assert {p.name for p in adapter_dir.iterdir()} == complete
 
 
 def test_rng_round_trip() -> None:

@@ -227,10 +227,7 @@ def save_checkpoint(
     with writing(temp, final, root):
         root.mkdir(parents=True, exist_ok=True)
         _write_checkpoint(temp, model, optimizer, trainable, trainer_state, rng_states, step, method_state)
-        if final.exists():  # an older run's checkpoint of the same step: replace it
-            _discard(final)
-        os.rename(temp, final)
-        _fsync_dir(root)
+        replace_folder(temp, final)  # an older run's checkpoint of the same step is replaced
     prune_checkpoints(root, keep)
     return final
 
@@ -245,7 +242,7 @@ def _write_checkpoint(
     step: int,
     method_state: dict[str, torch.Tensor] | None,
 ) -> None:
-    """Every file of a checkpoint into ``temp`` (see the module docstring), fsynced; state file last."""
+    """Every file of a checkpoint into ``temp`` (see the module docstring); state file last."""
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir()
@@ -263,7 +260,6 @@ def _write_checkpoint(
         )
         files.append(METHOD_FILE)
     write_json(temp / STATE_FILE, {**trainer_state, "step": step, "files": files})
-    _fsync_tree(temp)
 
 
 def write_adapter(model: nn.Module, adapter_dir: Path, checkpoints: Path) -> None:
@@ -275,17 +271,16 @@ def write_adapter(model: nn.Module, adapter_dir: Path, checkpoints: Path) -> Non
     with writing(temp, adapter_dir, checkpoints):
         shutil.rmtree(temp, ignore_errors=True)
         model.save_pretrained(str(temp))
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        temp.rename(adapter_dir)
+        replace_folder(temp, adapter_dir)
 
 
 def replace_folder(temp: Path, final: Path) -> None:
     """Make the fully written folder ``temp`` the folder ``final`` (replacing an older one), crash-safely.
 
-    The same protocol as checkpoints: fsync the files, move an existing ``final`` away, one rename.
-    Used for ``best/`` (see :mod:`lorakit.train.early_stopping`), which lives outside ``checkpoints/``
-    so that :func:`prune_checkpoints` never touches it.
+    fsync the files, move an existing ``final`` away (a rename, so ``final`` never holds a half-deleted
+    folder), one rename, fsync the parent. Used for checkpoints, the final ``adapter/`` and ``best/`` (see
+    :mod:`lorakit.train.early_stopping`, outside ``checkpoints/`` so that :func:`prune_checkpoints` never
+    touches it).
     """
     _fsync_tree(temp)
     if final.exists():
