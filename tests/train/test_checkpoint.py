@@ -24,6 +24,7 @@ from lorakit.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
     write_adapter,
+    write_json,
 )
 from lorakit.train.rng import capture_rng_state, restore_rng_state
 
@@ -157,6 +158,18 @@ def test_replacing_the_final_adapter_never_leaves_a_half_deleted_one(tmp_path, m
         write_adapter(model, adapter_dir, tmp_path / "checkpoints")
     if adapter_dir.exists():
         assert {p.name for p in adapter_dir.iterdir()} == complete
+
+
+def test_write_json_is_the_one_json_writer(tmp_path) -> None:
+    """Checkpoint files and the sub-commands' results (eval.json, ...): UTF-8 text kept, keys in order."""
+    data = {"prompt": "Où est la café ✓?", "completion": "ici", "loss": 1.5}
+    path = write_json(tmp_path / "out" / "nested" / "generate.json", data, mkdir=True)
+    text = path.read_text(encoding="utf-8")
+    assert path == tmp_path / "out" / "nested" / "generate.json" and json.loads(text) == data
+    assert "Où est la café ✓?" in text and text.endswith("}\n")
+    assert list(json.loads(text)) == ["prompt", "completion", "loss"]
+    with pytest.raises(FileNotFoundError):  # without mkdir the folder must exist
+        write_json(tmp_path / "missing" / "x.json", data)
 
 
 def test_rng_round_trip() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
 from lorakit.cli.generate import add_model_options, load, seed_sampling, stream_reply
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     print("lorakit chat: /reset to start over, /exit or Ctrl-D to quit.", file=sys.stderr)
     code = chat_loop(respond, messages)
     if args.output_dir:
-        from lorakit.cli.output import write_json
+        from lorakit.train.checkpoint import write_json
 
-        write_json(args.output_dir, "chat.json", {"messages": messages})
+        write_json(Path(args.output_dir) / "chat.json", {"messages": messages}, mkdir=True)
     return code

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
 from lorakit.cli.threads import pin_threads
@@ -113,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
         "perplexity": perplexity(loss),
     }
     if args.output_dir:
-        from lorakit.cli.output import write_json
+        from lorakit.train.checkpoint import write_json
 
-        write_json(args.output_dir, "eval.json", result)
+        write_json(Path(args.output_dir) / "eval.json", result, mkdir=True)
     if args.json:
         print(json.dumps(result))
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
 from lorakit.cli.threads import pin_threads
@@ -116,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, prompt if args.raw else render_prompt(tokenizer, messages), args
     )
     if args.output_dir:
-        from lorakit.cli.output import write_json
+        from lorakit.train.checkpoint import write_json
 
-        write_json(args.output_dir, "generate.json", {"prompt": prompt, "completion": completion})
+        write_json(
+            Path(args.output_dir) / "generate.json", {"prompt": prompt, "completion": completion}, mkdir=True
+        )
     return 0

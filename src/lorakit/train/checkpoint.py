@@ -115,8 +115,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+def write_json(path: str | Path, data: Any, *, mkdir: bool = False) -> Path:
+    """``data`` as indented UTF-8 JSON (keys in their order, text unescaped) in ``path``; returns the path.
+
+    The one JSON writer of the trainer (checkpoint files, ``summary.json``, ``best.json``) and of the
+    sub-commands' result files (``eval.json``, ...); ``mkdir`` creates the missing parent folders.
+    """
+    path = Path(path)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
