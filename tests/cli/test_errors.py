@@ -3,6 +3,7 @@ exceptions that are bugs keep theirs."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -97,6 +98,17 @@ def test_merge_with_a_corrupt_adapter_config_names_the_file(assets, tmp_path, ca
     err = _one_line_error(capsys, "merge")
     assert str(adapter / "adapter_config.json") in err
     assert re.search(message, err), err
+
+
+def test_eval_max_seq_length_beyond_the_models_positions(assets, capsys):
+    flags = ["eval", "--model", str(assets["model"]), "--dataset", str(assets["data"]), "--device", "cpu"]
+    assert main([*flags, "--max_seq_length", "512"]) == 1
+    err = _one_line_error(capsys, "eval")
+    assert "'max_seq_length' is 512, but the model has only 256 positions (max_position_embeddings)" in err
+    assert main([*flags, "--max_seq_length", "256", "--json"]) == 0  # the model's length itself is fine
+    full = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert main([*flags, "--json"]) == 0  # the default (1024) is capped at the model's 256 positions
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == full
 
 
 def test_merge_out_pointing_at_a_file_is_an_error(assets, tmp_path, capsys):

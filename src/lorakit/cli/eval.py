@@ -2,6 +2,8 @@
 
 loss = (sum of next-token cross-entropies over trained tokens) / (number of trained tokens),
 perplexity = exp(loss); prompt tokens are excluded as in training unless ``--train_on_prompt``.
+``--max_seq_length`` may not exceed the model's positions (max_position_embeddings), as in training; by
+default it is 1024, or the model's positions if fewer.
 With ``--output_dir`` the result is also written to ``DIR/eval.json``.
 Exit code 1, with a one-line message and no result, when the model or adapter holds NaN or infinite
 weights (e.g. saved by a diverged run) or the loss comes out NaN or infinite.
@@ -16,6 +18,8 @@ from pathlib import Path
 
 from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
 from lorakit.cli.threads import pin_threads
+
+DEFAULT_MAX_SEQ_LENGTH = 1024
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser, "dataset_format", default="auto", metavar="FORMAT", help="auto|alpaca|messages|sharegpt|text"
     )
     add_option(
-        parser, "max_seq_length", type=int, metavar="N", default=1024, help="truncate longer sequences"
+        parser,
+        "max_seq_length",
+        type=int,
+        metavar="N",
+        default=None,
+        help=f"truncate longer sequences (default: {DEFAULT_MAX_SEQ_LENGTH}, or the model's positions if fewer; "
+        "more than the model's positions is an error)",
     )
     add_option(
         parser, "micro_batch_size", type=int, metavar="N", default=8, help="sequences per forward pass"
@@ -63,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.data import DatasetError, load_records, sample_dataset, tokenize_records
     from lorakit.models import ModelLoadError
+    from lorakit.train.config import check_max_seq_length, model_positions
     from lorakit.train.divergence import describe_non_finite
     from lorakit.train.evaluation import loss_sum_and_tokens
     from lorakit.train.inference import load_for_inference
@@ -74,12 +85,17 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_for_inference(
             args.model, args.adapter, device=args.device, dtype=args.precision
         )
+        model_config = getattr(model, "config", None)
+        max_length = args.max_seq_length
+        if max_length is None:
+            max_length = min(DEFAULT_MAX_SEQ_LENGTH, model_positions(model_config) or DEFAULT_MAX_SEQ_LENGTH)
+        check_max_seq_length(max_length, model_config)  # as lorakit train: a ConfigError, one line
         records = load_records(source)
         data = tokenize_records(
             records,
             tokenizer,
             fmt=args.dataset_format,
-            max_length=args.max_seq_length,
+            max_length=max_length,
             train_on_prompt=args.train_on_prompt,
             source=source,
         )

@@ -413,16 +413,30 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> Train
 
 
 def check_against_model(config: TrainConfig, model_config: Any) -> None:
-    """Refuse a ``max_seq_length`` longer than the model's positions (``max_position_embeddings``).
+    """Refuse a ``max_seq_length`` longer than the model's positions (:func:`check_max_seq_length`).
+
+    Checked once the base model is loaded, before any data is read.
+    """
+    check_max_seq_length(config.max_seq_length, model_config)
+
+
+def model_positions(model_config: Any) -> int | None:
+    """The model's ``max_position_embeddings``, or None when its config does not say."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+def check_max_seq_length(max_seq_length: int, model_config: Any) -> None:
+    """Raise :class:`ConfigError` when ``max_seq_length`` exceeds the model's positions.
 
     Longer sequences would index past learned position embeddings or stretch rotary ones beyond what the
-    model was trained on, and the attention memory grows with the square of the length. Checked once the
-    base model is loaded, before any data is read.
+    model was trained on, and the attention memory grows with the square of the length. Used by
+    ``lorakit train`` (:func:`check_against_model`) and ``lorakit eval``.
     """
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if isinstance(positions, int) and 0 < positions < config.max_seq_length:
+    positions = model_positions(model_config)
+    if positions is not None and positions < max_seq_length:
         raise ConfigError(
-            f"'max_seq_length' is {config.max_seq_length}, but the model has only {positions} positions "
+            f"'max_seq_length' is {max_seq_length}, but the model has only {positions} positions "
             f"(max_position_embeddings); set max_seq_length to {positions} or less."
         )
 
