@@ -168,12 +168,12 @@ class PeftConfig:
         path = config_file_path(directory, subfolder, **hub_kwargs)
         if cls is PeftConfig:
             return load_config(path.parent)
-        return cls.from_dict(_read_config_json(path))
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def from_json_file(cls, path_json_file: str | os.PathLike, **_ignored) -> dict[str, Any]:
         """The JSON object of a config file as a dict, as PEFT returns it (a ``runtime_config`` key is dropped)."""
-        data = _read_config_json(Path(path_json_file))
+        data = read_config_json(path_json_file)
         if "runtime_config" in data:
             warnings.warn(
                 "The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations "
@@ -195,17 +195,28 @@ class PeftConfig:
 ConfigFile = PeftConfig  # the name this base class had before it took PEFT's
 
 
-def _read_config_json(path: Path) -> dict[str, Any]:
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in an ``adapter_config.json``; every error names the file.
+
+    ``FileNotFoundError`` when it is missing; ``ValueError`` when it is not UTF-8 text, not JSON, or not a
+    JSON object (a corrupt or truncated file). The one reader of the file for the library and the CLI.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"No {CONFIG_NAME} in {path.parent}: is this an adapter folder written by save_pretrained?"
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: the file is corrupt. Save the adapter again.") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupt.") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}): the file is "
+            "corrupt. Save the adapter again."
+        ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}: the file is corrupt.")
     return data
 
 
@@ -325,11 +336,8 @@ def load_config(directory: str | os.PathLike) -> LoraConfig:
     """Read an adapter folder's config, choosing the config class from its ``peft_type``."""
     path = Path(directory) / CONFIG_NAME
     peft_type = LoraConfig.peft_type_name()
-    if path.is_file():
-        try:
-            peft_type = json.loads(path.read_text()).get("peft_type", peft_type)
-        except (json.JSONDecodeError, AttributeError):
-            pass  # LoraConfig.from_pretrained reports the corrupt file
+    if path.is_file():  # else from_pretrained says it is missing (or fetches it from the Hub)
+        peft_type = read_config_json(path).get("peft_type", peft_type)
     return config_class_for(peft_type, where=str(path)).from_pretrained(directory)
 
 

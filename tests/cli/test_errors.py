@@ -100,6 +100,34 @@ def test_merge_with_a_corrupt_adapter_config_names_the_file(assets, tmp_path, ca
     assert re.search(message, err), err
 
 
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("with_model", [False, True], ids=["adapter-base", "model-given"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe\x00garbage", r"adapter_config\.json is not UTF-8 text: the file is corrupt"),
+        (
+            b'{"r": 4,',
+            r"adapter_config\.json is not valid JSON \(.* at line 1, column 9\): the file is corrupt",
+        ),
+        (b"[1, 2]", r"adapter_config\.json must hold a JSON object, found list"),
+    ],
+    ids=["not-utf8", "not-json", "not-object"],
+)
+def test_eval_and_generate_with_a_corrupt_adapter_config_name_the_file(
+    assets, tmp_path, capsys, command, with_model, content, message
+):
+    """Without --model the base is read from the file (adapter_base_model); with it, PeftModel reads it."""
+    adapter = shutil.copytree(assets["adapter"], tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_bytes(content)
+    flags = ["--adapter", str(adapter), "--device", "cpu"] + (["--model", str(assets["model"])] * with_model)
+    extra = ["--dataset", str(assets["data"])] if command == "eval" else ["--max_new_tokens", "1", "hi"]
+    assert main([command, *flags, *extra]) == 1
+    err = _one_line_error(capsys, command)
+    assert str(adapter / "adapter_config.json") in err
+    assert re.search(message, err), err
+
+
 def test_eval_max_seq_length_beyond_the_models_positions(assets, capsys):
     flags = ["eval", "--model", str(assets["model"]), "--dataset", str(assets["data"]), "--device", "cpu"]
     assert main([*flags, "--max_seq_length", "512"]) == 1

@@ -11,7 +11,6 @@ the base model's weights are stored in (a bf16 base gives a bf16 merged model), 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -67,20 +66,11 @@ def check_adapter_config(adapter: Path) -> None:
     Checked before anything is loaded, so a corrupt file is reported as such (with its path) and not as a
     bare JSON or Unicode error from deep inside the loading code.
     """
+    from lorakit.config import read_config_json
+
     path = adapter / "adapter_config.json"
-    if not path.is_file():
-        return  # the loader says the folder is not an adapter (or fetches a Hub repository)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text: the file is corrupt. Save the adapter again.") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}): the file is "
-            "corrupt. Save the adapter again."
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}: the file is corrupt.")
+    if path.is_file():  # else the loader says the folder is not an adapter (or fetches a Hub repository)
+        read_config_json(path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +9,21 @@ import torch
 from torch import nn
 
 from lorakit import PeftModel
+from lorakit.config import read_config_json
 from lorakit.models import load_model, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def adapter_base_model(adapter_dir: str | Path) -> str | None:
-    """``base_model_name_or_path`` recorded in the adapter's ``adapter_config.json``."""
+    """``base_model_name_or_path`` recorded in the adapter's ``adapter_config.json``.
+
+    A missing file is a ``FileNotFoundError``; one that is not UTF-8 JSON a ``ValueError`` naming it.
+    """
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not an adapter folder (no adapter_config.json).")
-    return json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return read_config_json(path).get("base_model_name_or_path")
 
 
 def resolve_base(model: str | None, adapter: str | None) -> str | None:
