@@ -127,7 +127,9 @@ def _sft_run(library, output_dir, through_config: bool):
     from datasets import Dataset
 
     generator = torch.Generator().manual_seed(0)
-    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 125, (10,), generator=generator)) for _ in range(16)]
+    texts = [
+        " ".join(f"w{int(i)}" for i in torch.randint(0, 125, (10,), generator=generator)) for _ in range(16)
+    ]
     model, config = _tied_llama(), library.LoraConfig(**LORA)
     extra = {"peft_config": config} if through_config else {}
     if not through_config:
@@ -167,9 +169,10 @@ def test_trl_sft_trainer_trains_a_lorakit_adapter_like_peft(tmp_path, through_co
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(peft_losses), rtol=0, atol=1e-4)
     checkpoint = tmp_path / "lorakit" / "checkpoint-4"
     assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "model.safetensors").exists()
-    assert load_file(checkpoint / "adapter_model.safetensors").keys() == load_file(
-        tmp_path / "peft" / "checkpoint-4" / "adapter_model.safetensors"
-    ).keys()
+    assert (
+        load_file(checkpoint / "adapter_model.safetensors").keys()
+        == load_file(tmp_path / "peft" / "checkpoint-4" / "adapter_model.safetensors").keys()
+    )
 
 
 def test_modules_imported_after_lorakit_objects_are_covered_too() -> None:

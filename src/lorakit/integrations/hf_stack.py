@@ -80,7 +80,10 @@ def _dispatching_get_peft_model(original):
 
 # (defining module, name) of each object to replace, and how. Objects are recognised by where they were
 # defined, so nothing is imported here: peft, TRL, ... are only touched once the user's code imports them.
-_MODEL_CHECKS = {("transformers.trainer_utils", "_is_peft_model"), ("accelerate.utils.modeling", "is_peft_model")}
+_MODEL_CHECKS = {
+    ("transformers.trainer_utils", "_is_peft_model"),
+    ("accelerate.utils.modeling", "is_peft_model"),
+}
 _GET_PEFT_MODEL = ("peft.mapping_func", "get_peft_model")
 _PEFT_CLASSES = {("peft.peft_model", "PeftModel"), ("peft.config", "PeftConfig")}
 
