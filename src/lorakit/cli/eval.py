@@ -16,7 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
+from lorakit.cli.options import (
+    SPELLING_NOTE,
+    RawDescriptionHelpFormatter,
+    add_device_options,
+    add_option,
+    describe,
+)
 from lorakit.cli.threads import pin_threads
 
 DEFAULT_MAX_SEQ_LENGTH = 1024
@@ -55,14 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser, "micro_batch_size", type=int, metavar="N", default=8, help="sequences per forward pass"
     )
     add_option(parser, "train_on_prompt", action="store_true", help="also score prompt tokens")
-    add_option(parser, "device", default="auto", metavar="DEVICE", help="cpu | cuda | auto")
-    add_option(
-        parser,
-        "precision",
-        default="fp32",
-        choices=("fp32", "bf16", "fp16"),
-        help="weight dtype when loading",
-    )
+    add_device_options(parser)
     add_option(parser, "output_dir", default=None, metavar="DIR", help="also write DIR/eval.json")
     add_option(parser, "json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)

@@ -10,7 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
+from lorakit.cli.options import (
+    SPELLING_NOTE,
+    RawDescriptionHelpFormatter,
+    add_device_options,
+    add_option,
+    describe,
+)
 from lorakit.cli.threads import pin_threads
 
 
@@ -20,14 +26,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser, "adapter", default=None, metavar="DIR", help="adapter folder to apply on the base model"
     )
-    add_option(parser, "device", default="auto", metavar="DEVICE", help="cpu | cuda | auto")
-    add_option(
-        parser,
-        "precision",
-        default="fp32",
-        choices=("fp32", "bf16", "fp16"),
-        help="weight dtype when loading",
-    )
+    add_device_options(parser)
     add_option(
         parser, "max_new_tokens", type=int, metavar="N", default=128, help="tokens to generate per reply"
     )

@@ -75,6 +75,18 @@ def add_option(
     return parser.add_argument(*short, *flags, **kwargs)
 
 
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision`` (the dtype weights are loaded in), as eval, generate and chat take them."""
+    add_option(parser, "device", default="auto", metavar="DEVICE", help="cpu | cuda | auto")
+    add_option(
+        parser,
+        "precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="weight dtype when loading",
+    )
+
+
 def conflicting_spellings(
     parser: argparse.ArgumentParser, tokens: list[str], canonical: Callable[[str], str] = str
 ) -> str | None:
