@@ -179,13 +179,13 @@ def _train(assets, tmp_path, *flags: str) -> int:
 
 
 def test_train_max_seq_length_beyond_the_models_positions(assets, tmp_path, capsys):
-    assert _train(assets, tmp_path, "--max_seq_length", "512") == 1
+    assert _train(assets, tmp_path, "--max_seq_length", "512") == 2  # a config error, found once the model is known
     err = _one_line_error(capsys, "train")
     assert "'max_seq_length' is 512, but the model has only 256 positions (max_position_embeddings)" in err
 
 
 def test_train_modules_to_save_matching_nothing(assets, tmp_path, capsys):
-    assert _train(assets, tmp_path, "--max_seq_length", "64", "--modules_to_save", "lm_hed") == 1
+    assert _train(assets, tmp_path, "--max_seq_length", "64", "--modules_to_save", "lm_hed") == 2
     err = _one_line_error(capsys, "train")
     assert "modules_to_save entry 'lm_hed' matches no module of the model" in err
 

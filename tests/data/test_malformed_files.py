@@ -64,3 +64,12 @@ def test_non_utf8_text_names_the_line(tmp_path, suffix):
         DatasetError, match=rf"d\{suffix}, line {line}: not UTF-8 text \(byte 0xe9 at byte \d+"
     ):
         load_records(path)
+
+
+def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,instruction,output\na,b,c\n")
+    with pytest.raises(
+        DatasetError, match=r"line 1: the header names column\(s\) \['instruction'\] more than once"
+    ):
+        load_records(path)

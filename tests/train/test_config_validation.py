@@ -156,3 +156,34 @@ def test_max_seq_length_beyond_the_models_positions_is_an_error():
         check_against_model(config, SimpleNamespace(max_position_embeddings=2048))
     check_against_model(TrainConfig(max_seq_length=2048), SimpleNamespace(max_position_embeddings=2048))
     check_against_model(config, SimpleNamespace())  # a model without the attribute is not checked
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "lora_alpha", "weight_decay"])
+def test_numbers_beyond_float32_are_refused(key):
+    """1e39 is finite in Python but inf in float32, where AdamW would crash (or diverge) on the first step."""
+    with pytest.raises(ConfigError, match=f"'{key}' = 1e\\+39 is beyond float32's range"):
+        config_from_dict({key: "1e39"})
+    assert getattr(config_from_dict({key: "3e38"}), key) == 3e38  # still representable
+
+
+def test_adam_epsilon_that_is_zero_in_float32_is_refused():
+    with pytest.raises(ConfigError, match="'adam_epsilon' = 1e-60 is 0 in float32"):
+        config_from_dict({"adam_epsilon": 1e-60})
+    assert config_from_dict({"adam_epsilon": 1e-30}).adam_epsilon == 1e-30
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("max_steps: 2\nseed: 1\nmax_steps: 4\n", "max_steps", (1, 3)),
+        ("lora:\n  r: 16\nlora:\n  alpha: 8\n", "lora", (1, 3)),
+        ("lora:\n  r: 16\n  r: 8\n", "r", (2, 3)),
+    ],
+)
+def test_a_key_repeated_in_one_yaml_mapping_is_an_error(tmp_path, text, key, lines):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(
+        ConfigError, match=f"'{key}' is given twice in one mapping \\(lines {lines[0]} and {lines[1]}\\)"
+    ):
+        load_config(path, {})

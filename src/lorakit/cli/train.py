@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(config: TrainConfig) -> int:
-    """Exit codes: 0 done; 1 an error (message on stderr: config, data, model, checkpoint, output folder
-    in use or unwritable, disk full, divergence); 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C)."""
+    """Exit codes: 0 done; 2 a config error; 1 another error (message on stderr: data, model, checkpoint, output
+    folder in use or unwritable, disk full, divergence); 143 / 130 stopped by SIGTERM / SIGINT (Ctrl-C)."""
     from lorakit.data import DatasetError
     from lorakit.models import ModelLoadError
     from lorakit.train.checkpoint import CheckpointError
@@ -126,8 +126,10 @@ def _train(config: TrainConfig) -> int:
     pin_threads()
     try:
         train(config)
+    except ConfigError as error:
+        print(f"lorakit train: error: {error}", file=sys.stderr)
+        return 2
     except (
-        ConfigError,
         DatasetError,
         CheckpointError,
         TrainingDiverged,

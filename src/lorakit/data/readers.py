@@ -172,6 +172,7 @@ def read_csv(path: Path) -> list[dict]:
             header = next(reader, None)
             if header is None:  # an empty file
                 return []
+            _check_header(path, header, delimiter)
             start = reader.line_num + 1
             for row in reader:
                 if row:
@@ -183,6 +184,16 @@ def read_csv(path: Path) -> list[dict]:
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     return records
+
+
+def _check_header(path: Path, header: list[str], delimiter: str) -> None:
+    """A column named twice would keep only one of its cells per row; refuse it."""
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DatasetError(
+            f"{path}, line 1: the header names column(s) {repeated} more than once; give each column its own "
+            f"name (separated by {delimiter!r})."
+        )
 
 
 def _check_cells(path: Path, row: list[str], header: list[str], line: int, delimiter: str) -> None:

@@ -257,11 +257,17 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32: a smaller adam_epsilon is 0 in float32
+
+
 def _finite(key: str, value: float) -> float:
     """``value``, or a :class:`ConfigError` for NaN and infinities (``max_grad_norm: nan`` would turn clipping
     off and ``learning_rate: nan`` poison the first step; no option has a use for them)."""
     if not math.isfinite(value):
         raise ConfigError(f"'{key}' must be a finite number, got {value}.")
+    if abs(value) > FLOAT32_MAX:  # training runs in float32 (or less): such a value overflows to inf there
+        raise ConfigError(f"'{key}' = {value} is beyond float32's range (about 3.4e38); training would overflow.")
     return value
 
 
@@ -369,6 +375,11 @@ def _validate(config: TrainConfig) -> None:
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {getattr(config, key)}.")
+    if config.adam_epsilon < FLOAT32_TINY:
+        raise ConfigError(
+            f"'adam_epsilon' = {config.adam_epsilon} is 0 in float32 (the smallest normal float32 is about "
+            f"1.2e-38), so AdamW would divide by zero; use 1e-8 (the default) or another value >= 1e-30."
+        )
     non_negative = ("eval_steps", "save_steps", "max_grad_norm", "weight_decay", "warmup_ratio", "num_epochs")
     for key in non_negative:
         if getattr(config, key) < 0:
@@ -441,6 +452,22 @@ def check_max_seq_length(max_seq_length: int, model_config: Any) -> None:
         )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (not "the last one wins")."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"'{key}' is given twice in one mapping (lines {seen[key]} and {line}); keep one of them."
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file (safe loader); an empty file is an empty config."""
     path = Path(path)
@@ -448,7 +475,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file '{path}' not found.")
     raw = path.read_bytes()
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
+        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         raise ConfigError(
