@@ -8,12 +8,14 @@ import math
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.cli import main
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import early_stopping
 from lorakit.train.config import load_config
 from lorakit.train.divergence import HeldOutRule, TrainingDiverged
 from lorakit.train.early_stopping import save_best
@@ -146,8 +148,43 @@ def test_exploding_run_stops_and_best_survives_save_total_limit_1(tiny_run_input
 
 
 # ------------------------------------------------------------------------------------------- disk full
+# What safetensors 0.8 really raises (seen on a full and on a read-only tmpfs): a SafetensorError, which is
+# not an OSError, with Rust's "(os error N)" in its text.
+SAFETENSORS_ENOSPC = "Error while serializing: I/O error: No space left on device (os error 28)"
+SAFETENSORS_EROFS = (
+    'Error while serializing: I/O error: Read-only file system (os error 30) at path "/x/.tmpIkqP1E"'
+)
+
+
+def _disk_full(kind: str, path: str) -> Exception:
+    if kind == "safetensors":
+        return SafetensorError(SAFETENSORS_ENOSPC)
+    return OSError(errno.ENOSPC, "No space left on device", path)
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (SAFETENSORS_ENOSPC, errno.ENOSPC),
+        (SAFETENSORS_EROFS, errno.EROFS),
+        (
+            'Error while serializing: IoError(Os { code: 122, kind: QuotaExceeded, message: "x" })',
+            errno.EDQUOT,
+        ),
+        ("Error while serializing: I/O error: Disk quota exceeded (OS Error 122)", errno.EDQUOT),
+        ("Error while serializing: I/O error: Permission denied (os error 13)", errno.EACCES),
+        ("Error while deserializing header: HeaderTooLarge", None),
+    ],
+)
+def test_write_errno_reads_the_os_error_of_a_safetensors_error(message, code) -> None:
+    assert ckpt.write_errno(SafetensorError(message)) == code
+    assert ckpt.write_errno(OSError(errno.ENOSPC, "full")) == errno.ENOSPC
+    assert ckpt.write_errno(ValueError("os error 28")) is None
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "oserror"])
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
-    tiny_run_inputs, tmp_path, capsys, monkeypatch
+    tiny_run_inputs, tmp_path, capsys, monkeypatch, kind
 ) -> None:
     calls = {"n": 0}
     real_save_file = ckpt.save_file
@@ -155,7 +192,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
     def full_disk(tensors, path, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:  # the first checkpoint writes 3 safetensors files (no AdaLoRA state)
-            raise OSError(errno.ENOSPC, "No space left on device", path)
+            raise _disk_full(kind, path)
         return real_save_file(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", full_disk)
@@ -171,6 +208,29 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
         "step-00000002"
     ]  # no temp folder left
     assert ckpt.is_complete(output_dir / "checkpoints" / "step-00000002")
+
+
+def test_disk_full_while_writing_best_is_one_line_and_leaves_no_temp(tmp_path, monkeypatch) -> None:
+    from .helpers import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+
+    def full_disk(tensors, path, *args, **kwargs):
+        raise SafetensorError(SAFETENSORS_ENOSPC)
+
+    monkeypatch.setattr(early_stopping, "save_file", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError) as failed:
+        save_best(model, tmp_path / "best", 3, 1.0)
+    message = str(failed.value)
+    assert "\n" not in message and f"Could not write {tmp_path / 'best'}: No space left on device" in message
+    assert "none written yet" in message
+    assert list(tmp_path.iterdir()) == []  # the temp folder is removed
+
+
+def test_other_safetensors_errors_are_not_disk_errors(tmp_path) -> None:
+    with pytest.raises(SafetensorError, match="HeaderTooLarge"):
+        with ckpt.writing(tmp_path / ".tmp-x", tmp_path / "x", tmp_path / "checkpoints"):
+            raise SafetensorError("Error while deserializing header: HeaderTooLarge")
 
 
 # ------------------------------------------------------------------------------------------------ eval

@@ -17,10 +17,11 @@ and cleaned up. Old checkpoints are first renamed to ``.trash-*`` and then delet
 
 Two refusals protect what is already on disk. Parameters that are NaN or infinite are never written (a
 checkpoint, the final adapter or ``best/``): :class:`NonFiniteError` names them before anything is created.
-A write that fails for lack of space or permission (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EACCES``) removes
-its temp folder and raises :class:`CheckpointWriteError`, a one-line message naming the newest intact
-checkpoint and how to free space; older checkpoints are untouched because nothing is pruned before the
-new one is complete.
+A write that fails for lack of space or permission (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EACCES``, as an
+``OSError`` or as a ``SafetensorError`` whose text carries the OS error) removes its temp folder and raises
+:class:`CheckpointWriteError`, a one-line message naming the newest intact checkpoint and how to free
+space; older checkpoints are untouched because nothing is pruned before the new
+one is complete.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,6 +47,10 @@ STATE_FILE = "trainer_state.json"
 METHOD_FILE = "method.safetensors"
 # Write failures that are the disk's or the mount's, not a bug: reported in one line, never a traceback.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+# safetensors reports I/O failures as a SafetensorError (not an OSError) whose text holds Rust's
+# "I/O error: No space left on device (os error 28)" (its Display form, safetensors 0.8) or, in Rust's
+# Debug form, "IoError(Os { code: 28, kind: StorageFull, ... })"; the number is the errno.
+_OS_ERROR = re.compile(r"\bos error (\d+)|\bOs \{ code: (\d+)", re.IGNORECASE)
 
 
 class CheckpointError(RuntimeError):
@@ -80,20 +86,35 @@ def check_finite(tensors: Mapping[str, torch.Tensor], target: Path, checkpoints:
         )
 
 
+def write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write: an ``OSError``'s, or the ``os error N`` in a ``SafetensorError``'s text
+    (safetensors wraps I/O failures that way); None when there is none."""
+    if isinstance(error, OSError):
+        return error.errno
+    if isinstance(error, SafetensorError):
+        match = _OS_ERROR.search(str(error))
+        return int(match.group(1) or match.group(2)) if match else None
+    return None
+
+
 @contextlib.contextmanager
 def writing(temp: Path, target: Path, checkpoints: Path) -> Iterator[None]:
     """Turn a disk-full or permission error while writing ``temp`` (for ``target``) into a one-line
-    :class:`CheckpointWriteError`; the partial ``temp`` is removed, which also frees its space."""
+    :class:`CheckpointWriteError`; the partial ``temp`` is removed, which also frees its space.
+
+    Both an ``OSError`` and a ``SafetensorError`` carrying an OS error count (see :func:`write_errno`)."""
     try:
         yield
-    except OSError as error:
-        if error.errno not in WRITE_ERRNOS:
+    except (OSError, SafetensorError) as error:
+        code = write_errno(error)
+        if code not in WRITE_ERRNOS:
             raise
+        reason = (error.strerror if isinstance(error, OSError) else None) or os.strerror(code)
         shutil.rmtree(temp, ignore_errors=True)
         newest = latest_checkpoint(checkpoints)
         intact = f"intact (newest: {newest})" if newest else "none written yet"
         raise CheckpointWriteError(
-            f"Could not write {target}: {error.strerror or os.strerror(error.errno)}. Previous checkpoints "
+            f"Could not write {target}: {reason}. Previous checkpoints "
             f"are {intact}. Free space or fix permissions in {target.parent} (delete old runs or "
             "checkpoints, lower save_total_limit), then run the same command with --resume."
         ) from None
