@@ -57,6 +57,42 @@ def test_handlers_are_restored_after_the_run() -> None:
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_an_ignored_signal_stays_ignored() -> None:
+    # A job a script starts with ``&`` (or nohup) has SIGINT ignored: the run must not start handling it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        term_before = signal.getsignal(signal.SIGTERM)
+        with StopSignals() as stopper:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stopper.handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == term_before
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_previous_handler_not_set_from_python_is_restored_as_default(monkeypatch) -> None:
+    # signal.signal returns None for a handler installed outside Python, and refuses None when restoring.
+    real_signal = signal.signal
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    calls = []
+
+    def fake_signal(signum, handler):
+        calls.append((signum, handler))
+        previous = real_signal(signum, handler)
+        return None if signum == signal.SIGTERM else previous
+
+    monkeypatch.setattr(signals_module.signal, "signal", fake_signal)
+    try:
+        with StopSignals():
+            pass
+        assert (signal.SIGTERM, signal.SIG_DFL) in calls
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) == before[1]
+    finally:
+        real_signal(signal.SIGTERM, before[0])
+
+
 # --------------------------------------------------------------------------------------- real runs
 @pytest.fixture(scope="module")
 def reference(tiny_run_inputs, tmp_path_factory):

@@ -21,7 +21,8 @@ its workers with SIGKILL; a step plus a checkpoint must fit in that time).
 
 Handlers are installed only in the main thread (``signal.signal`` works nowhere else) and the previous
 ones are restored afterwards, so calling :func:`lorakit.train.loop.train` from a notebook or a test leaves
-the process as it was.
+the process as it was. A signal that is ignored (``SIG_IGN``, as for SIGINT of a job a script starts with
+``&``, or under ``nohup``) is left ignored: the run does not start reacting to it.
 """
 
 from __future__ import annotations
@@ -93,12 +94,15 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
+                if signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # ignored on purpose by whoever started us: keep it so
                 self._previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # None: the previous handler was not installed from Python; signal.signal refuses None.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
     def handle(self, signum: int, frame: Any = None) -> None:
