@@ -102,16 +102,6 @@ def test_safe_change_needs_the_flag_and_unsafe_fields_can_never_be_allowed(
     run_dir = _interrupted_copy(finished_run, tmp_path / "run")
     with pytest.raises(ResumeMismatch, match="add --resume_allow_changes eval_steps"):
         _train(tiny_run_inputs, run_dir, resume=True, eval_steps=1)
-    # Safe, but turning early stopping on would leave best/ without the evaluations before the checkpoint.
-    with pytest.raises(ResumeMismatch, match="keeps best adapter: false -> true") as refused:
-        _train(
-            tiny_run_inputs,
-            run_dir,
-            resume=True,
-            early_stopping_patience=3,
-            resume_allow_changes="early_stopping_patience",
-        )
-    assert "early_stopping_patience: none -> 3  (safe to change)" in str(refused.value)
     with pytest.raises(ConfigError, match="learning_rate change.*can never be overridden"):
         _train(
             tiny_run_inputs, run_dir, resume=True, learning_rate=2e-2, resume_allow_changes="lr,eval_steps"
@@ -121,6 +111,33 @@ def test_safe_change_needs_the_flag_and_unsafe_fields_can_never_be_allowed(
 
 
 # --------------------------------------------------------------------------------------- accepted
+def test_early_stopping_can_be_turned_on_when_resuming(finished_run, tiny_run_inputs, tmp_path) -> None:
+    """early_stopping_patience none -> 3 is a safe change: refused unless named, then it resumes (best/ is
+    written with or without early stopping, so nothing derived from it may block the change)."""
+    run_dir = _interrupted_copy(finished_run, tmp_path / "run")
+    with pytest.raises(ResumeMismatch) as refused:
+        _train(tiny_run_inputs, run_dir, resume=True, early_stopping_patience=3)
+    message = str(refused.value)
+    assert "  early_stopping_patience: none -> 3  (safe to change)" in message
+    assert len([line for line in message.splitlines() if line.startswith("  ")]) == 1, message
+    assert "add --resume_allow_changes early_stopping_patience" in message
+    result = _train(
+        tiny_run_inputs,
+        run_dir,
+        resume=True,
+        early_stopping_patience=3,
+        resume_allow_changes="early_stopping_patience",
+    )
+    assert result.summary["steps"] == 4 and result.summary["best_step"] in (2, 4)
+    assert (run_dir / "best" / "best.json").is_file()
+    assert (
+        json.loads((run_dir / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())[
+            "fingerprint"
+        ]["config"]["early_stopping_patience"]
+        == 3
+    )
+
+
 def test_allowed_safe_change_and_moved_inputs_resume_exactly(
     finished_run, tiny_run_inputs, tmp_path, capsys
 ) -> None:

@@ -12,7 +12,7 @@ A checkpoint's ``trainer_state.json`` holds, under ``"fingerprint"``, what defin
   its ``config.json`` without volatile keys, and a SHA-256 over the name, dtype and shape of every tensor in
   its safetensors files plus up to :data:`WINDOWS` windows of :data:`WINDOW_BYTES` bytes of each tensor's data
   (with no local files to hash, the name is compared instead).
-* ``run``: the number of processes and whether a best adapter is kept.
+* ``run``: the number of processes.
 
 :func:`check_resume` compares a saved fingerprint with the current one and raises :class:`ResumeMismatch`
 listing every difference (``field: old -> new``). Only :data:`SAFE_FIELDS` may differ, and only when named
@@ -198,10 +198,11 @@ def run_fingerprint(
             "eval": {**token_digest(held_out), "source": eval_source},
         },
         "model": model_fingerprint(config.model),
-        "run": {
-            "processes": world_size,
-            "keeps_best_adapter": config.load_best_model_at_end or config.early_stopping_patience is not None,
-        },
+        # No "keeps_best_adapter" any more (checkpoints that hold it still resume: only the current keys
+        # are compared): best/ is written whenever there is held-out data, which "data" covers, and
+        # whether the best is restored at the end is the config's load_best_model_at_end and
+        # early_stopping_patience, so it only made the safe early_stopping_patience unchangeable.
+        "run": {"processes": world_size},
     }
 
 
