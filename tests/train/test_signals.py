@@ -94,6 +94,37 @@ def test_a_previous_handler_not_set_from_python_is_restored_as_default(monkeypat
 
 
 # --------------------------------------------------------------------------------------- real runs
+def test_library_train_restores_the_process_handlers(tiny_run_inputs, tmp_path, monkeypatch) -> None:
+    """``lorakit.train.loop.train(config)`` from a notebook or a test: its handlers are active during the
+    steps, and the caller's own SIGINT/SIGTERM handlers are back afterwards."""
+    from lorakit.train import loop
+
+    def on_term(signum, frame):  # pragma: no cover - never called
+        pass
+
+    def on_int(signum, frame):  # pragma: no cover - never called
+        pass
+
+    during = []
+    step = loop.Trainer.train_step
+
+    def recording_step(self, batches):
+        during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return step(self, batches)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", recording_step)
+    previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
+    try:
+        flags = tiny_run_flags(tiny_run_inputs, tmp_path / "run", max_steps=2, sample_max_new_tokens=0)
+        result = train(load_config(None, flags))
+        assert result.summary["steps"] == 2
+        assert during and all(term is not on_term and intr is not on_int for term, intr in during)
+        assert signal.getsignal(signal.SIGTERM) is on_term and signal.getsignal(signal.SIGINT) is on_int
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_run_inputs, tmp_path_factory):
     """The adapter of the uninterrupted run."""
