@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lorakit.cli.generate import add_model_options, load, seed_sampling, stream_reply
-from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, describe
+from lorakit.cli.options import add_command
 
 Message = dict[str, str]
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -26,13 +26,7 @@ INTERRUPTED = 130
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "chat",
-        help="chat with a model + adapter in the terminal",
-        description=describe(__doc__),
-        epilog=SPELLING_NOTE,
-        formatter_class=RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "chat", "chat with a model + adapter in the terminal", __doc__)
     add_model_options(parser)
     parser.set_defaults(func=run)
 

@@ -17,11 +17,9 @@ import sys
 from pathlib import Path
 
 from lorakit.cli.options import (
-    SPELLING_NOTE,
-    RawDescriptionHelpFormatter,
+    add_command,
     add_device_options,
     add_option,
-    describe,
 )
 from lorakit.cli.threads import pin_threads
 
@@ -29,13 +27,7 @@ DEFAULT_MAX_SEQ_LENGTH = 1024
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="loss and perplexity of a model + adapter on a dataset",
-        description=describe(__doc__),
-        epilog=SPELLING_NOTE,
-        formatter_class=RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "eval", "loss and perplexity of a model + adapter on a dataset", __doc__)
     add_option(
         parser,
         "dataset",

@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 
 from lorakit.cli.options import (
-    SPELLING_NOTE,
-    RawDescriptionHelpFormatter,
+    add_command,
     add_device_options,
     add_option,
-    describe,
 )
 from lorakit.cli.threads import pin_threads
 
@@ -44,12 +42,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "generate",
-        help="generate text with a model + adapter (streams tokens)",
-        description=describe(__doc__),
-        epilog=SPELLING_NOTE,
-        formatter_class=RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "generate", "generate text with a model + adapter (streams tokens)", __doc__
     )
     parser.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read from stdin)")
     add_option(parser, "raw", action="store_true", help="do not apply the chat template")

@@ -14,18 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorakit.cli.options import SPELLING_NOTE, RawDescriptionHelpFormatter, add_option, describe
+from lorakit.cli.options import add_command, add_option
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "merge",
-        help="merge an adapter into its base model (transformers format)",
-        description=describe(__doc__),
-        epilog=SPELLING_NOTE,
-        formatter_class=RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "merge", "merge an adapter into its base model (transformers format)", __doc__
     )
     add_option(
         parser, "adapter", required=True, metavar="DIR", help="adapter folder (adapter_config.json + weights)"

@@ -75,6 +75,18 @@ def add_option(
     return parser.add_argument(*short, *flags, **kwargs)
 
 
+def add_command(subparsers, name: str, help: str, doc: str | None) -> argparse.ArgumentParser:
+    """A sub-command parser whose description is the module docstring ``doc`` and whose epilog is the
+    spelling note, as every model command shows them."""
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=describe(doc),
+        epilog=SPELLING_NOTE,
+        formatter_class=RawDescriptionHelpFormatter,
+    )
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--precision`` (the dtype weights are loaded in), as eval, generate and chat take them."""
     add_option(parser, "device", default="auto", metavar="DEVICE", help="cpu | cuda | auto")
