@@ -3,7 +3,7 @@
 import os
 
 from lorakit.adalora import AdaLoraConfig
-from lorakit.adapter import AdapterConfig
+from lorakit.bottleneck import AdapterConfig
 from lorakit.config import LoraConfig, PeftConfig, PeftType, TaskType
 from lorakit.lowrank import factorize
 from lorakit.mapping import PeftMixedModel, inject_adapter_in_model

@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit import LoraConfig, TaskType, get_peft_model
 from lorakit.adalora.train_method import build_adalora_config
-from lorakit.adapter.train_method import build_adapter_config as build_bottleneck_config
+from lorakit.bottleneck.train_method import build_adapter_config as build_bottleneck_config
 from lorakit.train.config import ConfigError, TrainConfig
 
 AdapterBuilder = Callable[[TrainConfig, Any, int], Any]

@@ -11,7 +11,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorakit
-from lorakit.adapter import AdapterConfig, AdapterLayer, AdapterMergeError, AdapterModel
+from lorakit.bottleneck import (
+    AdapterConfig,
+    AdapterMergeError,
+    BottleneckConfig,
+    BottleneckLayer,
+    BottleneckModel,
+)
 from lorakit.config import load_config
 from tests.conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
@@ -49,7 +55,7 @@ def _train(model, input_ids, steps=5, lr=1e-2):
 def test_layer_formula(non_linearity, act):
     torch.manual_seed(0)
     base = nn.Linear(6, 5)
-    layer = AdapterLayer(base)
+    layer = BottleneckLayer(base)
     layer.update_layer("default", 3, non_linearity, 0.0, "random")
     down, up = layer.adapter_down["default"], layer.adapter_up["default"]
     x = torch.randn(2, 6)
@@ -96,6 +102,11 @@ def test_trains_saves_and_loads_in_its_own_format(tmp_path, input_ids):
     assert (_logits(loaded, input_ids) - _logits(tiny_llama(), input_ids)).abs().max() > 1e-3
 
 
+def test_public_names_stay_and_the_alias_is_the_same_class():
+    assert BottleneckConfig is AdapterConfig is lorakit.AdapterConfig
+    assert AdapterConfig.__name__ == "AdapterConfig" and AdapterConfig().peft_type == "BOTTLENECK_ADAPTER"
+
+
 def test_peft_cannot_read_it_and_lorakit_says_which_method(tmp_path):
     _model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="BOTTLENECK_ADAPTER"):
@@ -117,7 +128,7 @@ def test_unload_and_disable_give_the_base_model(input_ids):
         torch.testing.assert_close(_logits(model, input_ids), base_logits)
     assert (_logits(model, input_ids) - base_logits).abs().max() > 1e-3
     plain = model.unload()
-    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+    assert not any(isinstance(m, BottleneckLayer) for m in plain.modules())
     torch.testing.assert_close(_logits(plain, input_ids), base_logits)
 
 
@@ -190,7 +201,7 @@ def test_trainer_method_builds_an_adapter():
     config = build_adapter_config(train_config, total_steps=10)
     assert isinstance(config, AdapterConfig) and config.bottleneck_size == 8 and config.target_modules is None
     model = attach_adapter(tiny_llama(), train_config, total_steps=10)
-    assert isinstance(model.base_model, AdapterModel)
+    assert isinstance(model.base_model, BottleneckModel)
     assert len(list(model.base_model.adapter_layers())) == 4
 
 

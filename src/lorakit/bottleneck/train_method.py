@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorakit.adapter.config import AdapterConfig
+from lorakit.bottleneck.config import AdapterConfig
 
 
 def build_adapter_config(config: Any, target_modules: list[str] | str, total_steps: int) -> AdapterConfig:

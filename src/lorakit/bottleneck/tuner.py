@@ -1,4 +1,4 @@
-"""``AdapterModel``: a model with bottleneck Adapters inserted after chosen modules.
+"""``BottleneckModel``: a model with bottleneck Adapters inserted after chosen modules.
 
 It offers the tuner interface :class:`~lorakit.peft_model.PeftModel` relies on (``peft_config``, add / set /
 delete / disable adapters, ``unload``), and refuses to merge: a bottleneck Adapter is a nonlinear function of the
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.adapter.config import AdapterConfig
-from lorakit.adapter.layers import AdapterLayer, output_size
+from lorakit.bottleneck.config import AdapterConfig
+from lorakit.bottleneck.layers import BottleneckLayer, output_size
 from lorakit.inject import (
     ModulesToSaveWrapper,
     get_submodule_parent,
@@ -53,7 +53,7 @@ MERGE_MESSAGE = (
 )
 
 
-class AdapterModel(BaseTuner):
+class BottleneckModel(BaseTuner):
     """A model with bottleneck Adapters; ``forward`` is the wrapped model's ``forward``."""
 
     prefix = "adapter_"
@@ -63,9 +63,9 @@ class AdapterModel(BaseTuner):
             "Mixed-adapter batches (adapter_names) are supported for LoRA adapters only, not Adapters."
         )
 
-    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+    def adapter_layers(self) -> Iterator[tuple[str, BottleneckLayer]]:
         for name, module in self.model.named_modules():
-            if isinstance(module, AdapterLayer):
+            if isinstance(module, BottleneckLayer):
                 yield name, module
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
@@ -80,8 +80,8 @@ class AdapterModel(BaseTuner):
             config.target_modules = default_targets(self.model)  # recorded in the saved config
         for name in find_adapter_targets(self.model, config):
             module = self.model.get_submodule(name)
-            if not isinstance(module, AdapterLayer):
-                module = AdapterLayer(module, name)
+            if not isinstance(module, BottleneckLayer):
+                module = BottleneckLayer(module, name)
                 parent, child = get_submodule_parent(self.model, name)
                 setattr(parent, child, module)
             module.update_layer(
@@ -150,7 +150,7 @@ def find_adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     for name, module in candidates:
         if isinstance(module, ModulesToSaveWrapper) or not is_target(name, config, heads):
             continue
-        base = module.base_layer if isinstance(module, (AdapterLayer, LoraLayer)) else module
+        base = module.base_layer if isinstance(module, (BottleneckLayer, LoraLayer)) else module
         if isinstance(module, LoraLayer):
             raise ValueError(
                 f"{name!r} holds a LoRA adapter; a bottleneck Adapter cannot share a model with LoRA."
@@ -159,7 +159,8 @@ def find_adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             if isinstance(base, nn.Embedding) or output_size(base) is None:
                 continue
         elif output_size(base) is None:
-            AdapterLayer(base, name)  # raises the TypeError that explains which layers an adapter can follow
+            # raises the TypeError that explains which layers an adapter can follow
+            BottleneckLayer(base, name)
         names.append(name)
     if isinstance(config.target_modules, list):
         for target in config.target_modules:

@@ -40,7 +40,7 @@ def _adapter_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]
     return dtype, weight.device
 
 
-class AdapterLayer(nn.Module):
+class BottleneckLayer(nn.Module):
     """A frozen module followed by residual bottleneck adapters."""
 
     def __init__(self, base_layer: nn.Module, module_name: str = "module"):

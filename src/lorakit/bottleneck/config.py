@@ -1,4 +1,5 @@
-"""``AdapterConfig``: the bottleneck Adapter of Houlsby et al. 2019, saved in lorakit's own format.
+"""``AdapterConfig`` (alias ``BottleneckConfig``): the bottleneck Adapter of Houlsby et al. 2019, saved in lorakit's
+own format.
 
 PEFT has no bottleneck Adapter, so the folder layout is PEFT's (``adapter_config.json`` +
 ``adapter_model.safetensors``) but the ``peft_type`` is lorakit's own ``"BOTTLENECK_ADAPTER"``; PEFT refuses such a
@@ -92,3 +93,8 @@ class AdapterConfig(ConfigFile):
             raise ValueError(f"bias must be 'none' or 'all' for the bottleneck Adapter, got {self.bias!r}.")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern only makes sense together with layers_to_transform.")
+
+
+# The class keeps its public name (users and saved configs know it as ``AdapterConfig``); this alias names the
+# method it configures, like ``BottleneckLayer`` and ``BottleneckModel``.
+BottleneckConfig = AdapterConfig

@@ -1,0 +1,31 @@
+"""The bottleneck Adapter (Houlsby et al. 2019): ``h + up(act(down(h)))`` after chosen modules.
+
+``BottleneckLayer`` wraps one module, ``BottleneckModel`` is the tuner; the config keeps its public name
+``AdapterConfig`` (also importable as ``BottleneckConfig``) and the saved ``peft_type`` stays
+``"BOTTLENECK_ADAPTER"``, so existing code and adapter folders keep working.
+
+Importing this package registers ``AdapterConfig`` with :func:`lorakit.config.load_config` and its tuner with
+:func:`lorakit.peft_model.get_peft_model`. Adapters save and load in lorakit's own format (PEFT has no such
+method) and cannot be merged (:class:`AdapterMergeError`).
+"""
+
+from lorakit.bottleneck.config import AdapterConfig, BottleneckConfig
+from lorakit.bottleneck.layers import BottleneckLayer
+from lorakit.bottleneck.train_method import build_adapter_config
+from lorakit.bottleneck.tuner import HOULSBY_TARGETS, AdapterMergeError, BottleneckModel, default_targets
+from lorakit.config import PeftType, register_config_class
+from lorakit.peft_model import register_tuner
+
+register_config_class(AdapterConfig)
+register_tuner(PeftType.ADAPTER, BottleneckModel)
+
+__all__ = [
+    "build_adapter_config",
+    "HOULSBY_TARGETS",
+    "AdapterConfig",
+    "BottleneckConfig",
+    "BottleneckLayer",
+    "AdapterMergeError",
+    "BottleneckModel",
+    "default_targets",
+]
