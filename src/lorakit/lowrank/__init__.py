@@ -6,7 +6,7 @@
   subspace similarity (LoRA paper, section 7) of saved adapters.
 """
 
-from lorakit.lowrank.adapter_files import Adapter, AdapterLayer, AdapterReadError, read_adapter
+from lorakit.lowrank.adapter_files import Adapter, AdapterReadError, LayerUpdate, read_adapter
 from lorakit.lowrank.analysis import (
     AdapterReport,
     ComparisonReport,
@@ -44,7 +44,6 @@ __all__ = [
     "SEED_EXAMPLE_MATRIX",
     "SEED_EXAMPLE_SETTINGS",
     "Adapter",
-    "AdapterLayer",
     "AdapterReadError",
     "AdapterReport",
     "ComparisonReport",
@@ -53,6 +52,7 @@ __all__ = [
     "FactorizationResult",
     "LayerComparison",
     "LayerReport",
+    "LayerUpdate",
     "SpectrumStats",
     "compare_adapters",
     "compare_layers",

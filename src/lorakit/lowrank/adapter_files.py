@@ -24,19 +24,33 @@ base weight is stored, not the update's singular values or directions):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+from lorakit.config import CONFIG_NAME, read_config_json
+from lorakit.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter_weights
+
 _PREFIX = "base_model.model."
-_PARTS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-_KEY_PATTERN = re.compile(rf"^(?P<module>.+?)\.(?P<part>{'|'.join(_PARTS)})(?:\.(?P<adapter>[^.]+))?$")
+# The low-rank factors of the LoRA family (LoRA, DoRA, AdaLoRA) as they appear in saved keys; a subset of
+# lorakit.layers.ADAPTER_ATTRIBUTES, which also names other methods' parts (the bottleneck Adapter's).
+LOW_RANK_FACTOR_PARTS = (
+    "lora_A",
+    "lora_B",
+    "lora_E",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+)
+_KEY_PATTERN = re.compile(
+    rf"^(?P<module>.+?)\.(?P<part>{'|'.join(LOW_RANK_FACTOR_PARTS)})(?:\.(?P<adapter>[^.]+))?$"
+)
+# Pickle files an adapter folder may hold instead of safetensors; named in the error, never read.
+_PICKLE_NAMES = (PICKLE_WEIGHTS_NAME, "adapter_model.pt")
 # PEFT's defaults for keys a config file leaves out.
 _DEFAULT_R = 8
 _DEFAULT_ALPHA = 8
@@ -47,8 +61,8 @@ class AdapterReadError(ValueError):
 
 
 @dataclass
-class AdapterLayer:
-    """One adapted module: ``delta = scaling * left @ right``."""
+class LayerUpdate:
+    """One adapted module's low-rank update, read from an adapter file: ``delta = scaling * left @ right``."""
 
     name: str
     kind: str  # "linear", "conv", "embedding" or "adalora"
@@ -75,7 +89,7 @@ class Adapter:
     path: Path
     peft_type: str
     config: dict
-    layers: list[AdapterLayer]
+    layers: list[LayerUpdate]
     ignored_keys: list[str]
 
 
@@ -102,32 +116,32 @@ def read_adapter(path: str | Path) -> Adapter:
 
 
 def _read_config(folder: Path) -> dict:
+    """``adapter_config.json`` through the library's reader; its errors become :class:`AdapterReadError`."""
     if not folder.exists():
         raise AdapterReadError(f"adapter folder not found: {folder}")
     if not folder.is_dir():
         raise AdapterReadError(
             f"{folder} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}."
         )
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    try:
+        return read_config_json(folder / CONFIG_NAME)
+    except FileNotFoundError:
         nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
         hint = f" Adapters found in sub-folders: {', '.join(nested)}." if nested else ""
         raise AdapterReadError(
             f"{folder} has no {CONFIG_NAME}; pass a folder written by save_pretrained.{hint}"
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterReadError(f"{config_path} is not valid JSON ({error}).") from error
-    if not isinstance(config, dict):
-        raise AdapterReadError(f"{config_path} must hold a JSON object, got {type(config).__name__}.")
-    return config
+        ) from None
+    except (
+        ValueError
+    ) as error:  # not UTF-8, not JSON, or not an object; the message names the file and the fix
+        raise AdapterReadError(str(error)) from error
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """``adapter_model.safetensors`` through the library's reader (never a pickle), as float64 arrays."""
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
-        pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (folder / name).exists()]
+        pickled = [name for name in _PICKLE_NAMES if (folder / name).exists()]
         hint = (
             f" Only {pickled[0]} (a pickle file) is there; lorakit does not read pickles. Re-save the adapter "
             "with save_pretrained(..., safe_serialization=True)."
@@ -135,15 +149,14 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
             else ""
         )
         raise AdapterReadError(f"{weights_path} not found.{hint}")
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
-        loaded = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        loaded = load_adapter_weights(folder)
+    except (OSError, ValueError, RuntimeError) as error:
+        # load_adapter_weights reports a corrupt file as a ValueError raised from the safetensors error
+        reason = error.__context__ if isinstance(error.__context__, Exception) else error
         raise AdapterReadError(
-            f"{weights_path} is not a readable safetensors file ({error}); it may be truncated or corrupt."
+            f"{weights_path} is not a readable safetensors file ({reason}); it may be truncated or corrupt. "
+            "Save the adapter again or re-download it."
         ) from error
     return {key: tensor.detach().to(torch.float64).numpy() for key, tensor in loaded.items()}
 
@@ -171,7 +184,7 @@ def pattern_value(patterns: dict | None, module_name: str, default):
     return default
 
 
-def _lora_layer(name: str, parts: dict[str, np.ndarray], config: dict) -> AdapterLayer:
+def _lora_layer(name: str, parts: dict[str, np.ndarray], config: dict) -> LayerUpdate:
     notes: list[str] = []
     if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
         a, b = _require(name, parts, "lora_embedding_A", "lora_embedding_B")
@@ -191,7 +204,7 @@ def _lora_layer(name: str, parts: dict[str, np.ndarray], config: dict) -> Adapte
     scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
     if "lora_magnitude_vector" in parts:
         notes.append("DoRA: delta is the LoRA part scaling*B@A; the magnitude vector is not included")
-    return AdapterLayer(name, kind, left, right, scaling, rank, alpha, notes)
+    return LayerUpdate(name, kind, left, right, scaling, rank, alpha, notes)
 
 
 def _linear_or_conv(name: str, a: np.ndarray, b: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, int]:
@@ -213,7 +226,7 @@ def _linear_or_conv(name: str, a: np.ndarray, b: np.ndarray) -> tuple[str, np.nd
     return kind, left, right, right.shape[0]
 
 
-def _adalora_layer(name: str, parts: dict[str, np.ndarray], config: dict) -> AdapterLayer:
+def _adalora_layer(name: str, parts: dict[str, np.ndarray], config: dict) -> LayerUpdate:
     a, b = _require(name, parts, "lora_A", "lora_B")
     if "lora_E" not in parts:
         raise AdapterReadError(
@@ -229,7 +242,7 @@ def _adalora_layer(name: str, parts: dict[str, np.ndarray], config: dict) -> Ada
     base_scaling = alpha if alpha > 0 else float(init_r)
     scaling = base_scaling / (init_r + 1e-5)
     notes = [f"AdaLoRA: kept {a.shape[0]} of {init_r} initial ranks"] if a.shape[0] != init_r else []
-    return AdapterLayer(name, "adalora", b, a * e, scaling, a.shape[0], alpha, notes)
+    return LayerUpdate(name, "adalora", b, a * e, scaling, a.shape[0], alpha, notes)
 
 
 def _require(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.lowrank.adapter_files import Adapter, AdapterLayer, read_adapter
+from lorakit.lowrank.adapter_files import Adapter, LayerUpdate, read_adapter
 from lorakit.lowrank.spectrum import (
     ENERGY_THRESHOLDS,
     SpectrumStats,
@@ -94,7 +94,7 @@ class AdapterReport:
         }
 
 
-def layer_spectrum(layer: AdapterLayer, thresholds: tuple[float, ...] = ENERGY_THRESHOLDS) -> LayerReport:
+def layer_spectrum(layer: LayerUpdate, thresholds: tuple[float, ...] = ENERGY_THRESHOLDS) -> LayerReport:
     """Singular values and derived ranks of ``layer.delta()``, computed from the factors."""
     _, sigma, _ = factored_svd(layer.scaling * layer.left, layer.right)
     stats = spectrum_stats(sigma, layer.shape, thresholds)
@@ -113,7 +113,7 @@ def inspect_adapter(path: str | Path, thresholds: tuple[float, ...] = ENERGY_THR
     )
 
 
-def update_directions(layer: AdapterLayer, side: str = "input") -> np.ndarray:
+def update_directions(layer: LayerUpdate, side: str = "input") -> np.ndarray:
     """Orthonormal singular directions of ``layer.delta()`` (columns, by decreasing singular value).
 
     ``side="input"``: right singular vectors (in the layer's input space); ``"output"``: left ones.
@@ -177,7 +177,7 @@ class ComparisonReport:
         }
 
 
-def compare_layers(layer_a: AdapterLayer, layer_b: AdapterLayer, side: str = "input") -> LayerComparison:
+def compare_layers(layer_a: LayerUpdate, layer_b: LayerUpdate, side: str = "input") -> LayerComparison:
     """Subspace similarity of two layers' updates (LoRA section 7.2)."""
     if layer_a.shape != layer_b.shape:
         note = f"shapes differ ({layer_a.shape} vs {layer_b.shape}); not comparable"
