@@ -1,4 +1,4 @@
-"""Combining LoRA adapters into a new one: PEFT's ``add_weighted_adapter`` (``linear``, ``cat`` and ``svd``).
+"""Combining LoRA adapters into a new one: PEFT's ``add_weighted_adapter``, all eleven combination types.
 
 Each source adapter ``i`` of a layer has factors ``A_i`` (r_i x in), ``B_i`` (out x r_i), scaling ``s_i`` and a
 user weight ``w_i``; its update is ``dW_i = s_i B_i A_i``. The new adapter has scaling 1 (``lora_alpha = r``) and
@@ -12,6 +12,17 @@ factors ``A'``, ``B'`` chosen per combination type, exactly as PEFT 0.21 compute
 * ``linear`` (a rough approximation, equal ranks only): with ``c_i = w_i s_i``,
   ``A' = sum_i sign(c_i) sqrt(|c_i|) A_i`` and ``B' = sum_i sqrt(|c_i|) B_i``; ``B' A'`` has the wanted terms
   ``c_i B_i A_i`` plus cross terms ``B_i A_j``, which is why PEFT recommends ``cat`` or ``svd``.
+
+* ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (equal ranks only): ``linear`` with the plain
+  weighted sums replaced by the merge of that name (:mod:`lorakit.merge_utils`: TIES, DARE, magnitude pruning),
+  applied to the A stack with weights ``sign(c_i) sqrt(|c_i|)`` and separately to the B stack with weights
+  ``sqrt(|c_i|)``; ``density`` is the fraction of entries kept, ``majority_sign_method`` TIES's sign election.
+* ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``: ``svd`` with ``sum_i w_i dW_i``
+  replaced by that merge of the updates ``dW_i`` (scaling included, in the base weight's layout) with weights
+  ``w_i``.
+
+The DARE types draw from torch's global generator, layer by layer in model order (for the factor types all A
+factors, then all B factors), tensor by tensor as PEFT does: seeded alike, lorakit and PEFT give the same adapter.
 
 Embedding factors follow the same formulas (``lora_embedding_A`` is A, ``lora_embedding_B`` is B); convolution
 factors are flattened to (out, in * kernel) for the SVD. With one source adapter the type is ``linear``.
@@ -28,18 +39,18 @@ import torch
 from lorakit.config import LoraConfig, PeftType
 from lorakit.inject import ALL_LINEAR, save_wrappers
 from lorakit.layers import LoraLayer
+from lorakit.merge_utils import MERGE_KINDS, check_merge_options, merge
 
-SUPPORTED_TYPES = ("svd", "linear", "cat")
-PEFT_ONLY_TYPES = (
-    "ties",
-    "ties_svd",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_svd",
-    "dare_linear_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
+FACTOR_TYPES = MERGE_KINDS  # merge the A and B stacks: linear, ties, dare_linear, dare_ties, magnitude_prune
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # merge, then SVD
+SUPPORTED_TYPES = ("svd", "linear", "cat", *FACTOR_TYPES[1:], *SVD_TYPES[1:])
+
+
+def _merge_kind(combination_type: str) -> str:
+    """The merge of the source tensors: ``ties_svd`` -> ``ties``, ``svd`` -> ``linear``, ``ties`` -> ``ties``."""
+    if combination_type == "svd":
+        return "linear"
+    return combination_type.removesuffix("_svd")
 
 
 def _max_rank(config: LoraConfig) -> int:
@@ -63,13 +74,18 @@ def _new_target_modules(tuner, adapters: list[str]):
     return sorted(set().union(*targets))
 
 
-def combined_config(tuner, adapters: list[str], combination_type: str, svd_rank: int | None):
-    """Check the request as PEFT does; return (effective combination type, the new adapter's config)."""
-    if combination_type in PEFT_ONLY_TYPES:
-        raise ValueError(
-            f"combination_type {combination_type!r} (TIES / DARE / magnitude pruning) is not implemented in lorakit "
-            f"yet; supported: {', '.join(SUPPORTED_TYPES)}."
-        )
+def combined_config(
+    tuner,
+    adapters: list[str],
+    combination_type: str,
+    svd_rank: int | None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+):
+    """Check the request as PEFT does; return (effective combination type, the new adapter's config).
+
+    With one source adapter the type is ``linear`` (PEFT's rule), so ``density`` is then not needed.
+    """
     if combination_type not in SUPPORTED_TYPES:
         raise ValueError(
             f"Invalid combination_type: {combination_type!r}; supported: {', '.join(SUPPORTED_TYPES)}."
@@ -95,10 +111,16 @@ def combined_config(tuner, adapters: list[str], combination_type: str, svd_rank:
         )
     if len(adapters) == 1:
         combination_type = "linear"
+    if combination_type != "cat":
+        check_merge_options(_merge_kind(combination_type), density, majority_sign_method)
     ranks = [_max_rank(c) for c in configs]
-    if combination_type == "linear":
+    if combination_type in FACTOR_TYPES:
         if len(set(ranks)) != 1:
-            raise ValueError("All adapters must have the same r value when using combination_type linear.")
+            raise ValueError(
+                f"All adapters must have the same r value when using combination_type {combination_type} (it "
+                f"combines the A and B factors entry by entry); got ranks {ranks}. For different ranks use cat or "
+                f"one of {', '.join(SVD_TYPES)}."
+            )
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)
@@ -141,14 +163,47 @@ def combine_cat(factors: list, coefficients: list[float]) -> tuple[torch.Tensor,
     return new_A, new_B
 
 
-def combine_linear(factors: list, coefficients: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A' = sum sign(c_i) sqrt(|c_i|) A_i``, ``B' = sum sqrt(|c_i|) B_i``."""
+def combine_factors(
+    factors: list,
+    coefficients: list[float],
+    kind: str = "linear",
+    density: float | None = None,
+    majority_sign_method: str = "total",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A' = merge(A_i; sign(c_i) sqrt(|c_i|))``, then ``B' = merge(B_i; sqrt(|c_i|))``, ``merge`` by ``kind``.
+
+    ``kind="linear"`` is the plain weighted sum; see :func:`lorakit.merge_utils.merge` for the others.
+    """
     roots = [math.sqrt(abs(c)) for c in coefficients]
     signed = [r if c >= 0 else -r for r, c in zip(roots, coefficients)]
     dtype = factors[0][0].dtype
-    new_A = _weighted_sum([A.detach() for A, _ in factors], signed).to(dtype)
-    new_B = _weighted_sum([B.detach() for _, B in factors], roots).to(dtype)
+    options = dict(kind=kind, density=density, majority_sign_method=majority_sign_method)
+    # all A factors before any B factor: PEFT's order of DARE's random draws
+    new_A = merge([A.detach() for A, _ in factors], signed, **options).to(dtype)
+    new_B = merge([B.detach() for _, B in factors], roots, **options).to(dtype)
     return new_A, new_B
+
+
+def combine_linear(factors: list, coefficients: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A' = sum sign(c_i) sqrt(|c_i|) A_i``, ``B' = sum sqrt(|c_i|) B_i``."""
+    return combine_factors(factors, coefficients, "linear")
+
+
+def svd_factors(
+    delta: torch.Tensor,
+    rank: int,
+    clamp: float | None = None,
+    full_matrices: bool = True,
+    driver: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``delta = U S V^T`` (out, in) truncated to ``rank``: ``(A', B') = (V^T[:k], U[:, :k] diag(S[:k]))``."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    U = U[:, :rank] @ torch.diag(S[:rank])
+    Vh = Vh[:rank, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
+        U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
+    return Vh, U
 
 
 def combine_svd(
@@ -159,18 +214,9 @@ def combine_svd(
     full_matrices: bool = True,
     driver: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum w_i dW_i = U S V^T`` truncated to ``rank``: returns ``(A', B') = (V^T[:k], U[:, :k] diag(S[:k]))``.
-
-    ``deltas`` are in (out, in) row layout, scaling included.
-    """
+    """``sum w_i dW_i`` truncated to ``rank`` by :func:`svd_factors`; ``deltas`` in (out, in) layout."""
     delta = _weighted_sum([d.detach() for d in deltas], weights)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
-    U = U[:, :rank] @ torch.diag(S[:rank])
-    Vh = Vh[:rank, :]
-    if clamp is not None:
-        high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
-        U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
-    return Vh, U
+    return svd_factors(delta, rank, clamp, full_matrices, driver)
 
 
 def _write(target: torch.Tensor, value: torch.Tensor, what: str) -> None:
@@ -191,7 +237,7 @@ def _write(target: torch.Tensor, value: torch.Tensor, what: str) -> None:
 
 
 def _fill_layer(
-    layer: LoraLayer, path: str, new: str, adapters, weights, combination_type, svd_options
+    layer: LoraLayer, path: str, new: str, adapters, weights, combination_type, svd_options, merge_options
 ) -> None:
     present = [(a, w) for a, w in zip(adapters, weights) if _factors(layer, a) is not None]
     if not present:
@@ -199,17 +245,23 @@ def _fill_layer(
             f"Layer {path!r} got the new adapter {new!r} but holds none of the adapters {adapters}."
         )
     target_A, target_B = _factors(layer, new)
-    if combination_type == "svd":
-        deltas = [layer._to_rows(layer.delta_weight(a)) for a, _ in present]
-        deltas = [d.reshape(d.shape[0], -1) for d in deltas]
-        new_A, new_B = combine_svd(deltas, [w for _, w in present], layer.r[new], **svd_options)
+    if combination_type in SVD_TYPES:
+        # merged in the base weight's layout (DARE's draws follow it, as PEFT's), then viewed as (out, in)
+        deltas = [layer.delta_weight(a).detach() for a, _ in present]
+        delta = merge(deltas, [w for _, w in present], _merge_kind(combination_type), **merge_options)
+        delta = layer._to_rows(delta)
+        new_A, new_B = svd_factors(delta.reshape(delta.shape[0], -1), layer.r[new], **svd_options)
         if new_A[0].numel() != target_A[0].numel() or new_B.shape[0] != target_B.shape[0]:
-            raise ValueError(f"combination_type='svd' does not support the layer type of {path!r}.")
+            raise ValueError(
+                f"combination_type={combination_type!r} does not support the layer type of {path!r}."
+            )
     else:
         factors = [_factors(layer, a) for a, _ in present]
         coefficients = [w * layer.scaling[a] for a, w in present]
-        combine = combine_cat if combination_type == "cat" else combine_linear
-        new_A, new_B = combine(factors, coefficients)
+        if combination_type == "cat":
+            new_A, new_B = combine_cat(factors, coefficients)
+        else:
+            new_A, new_B = combine_factors(factors, coefficients, combination_type, **merge_options)
     _write(target_A, new_A, "A")
     _write(target_B, new_B, "B")
 
@@ -231,7 +283,8 @@ def add_weighted_adapter(
 
     The new adapter is not active and does not train (``set_adapter`` it). An existing ``adapter_name`` is left
     alone with a warning (PEFT returns silently). ``density`` and ``majority_sign_method`` belong to the
-    TIES / DARE types, which lorakit does not implement yet.
+    TIES / DARE / magnitude-pruning types (``density`` in (0, 1] required there); the DARE types draw from torch's
+    global generator.
     """
     if adapter_name in tuner.peft_config:
         warnings.warn(
@@ -242,13 +295,18 @@ def add_weighted_adapter(
         raise ValueError(
             f"Got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter."
         )
-    combination_type, config = combined_config(tuner, adapters, combination_type, svd_rank)
+    combination_type, config = combined_config(
+        tuner, adapters, combination_type, svd_rank, density, majority_sign_method
+    )
     tuner.add_adapter(adapter_name, config)
     svd_options = dict(clamp=svd_clamp, full_matrices=svd_full_matrices, driver=svd_driver)
+    merge_options = dict(density=density, majority_sign_method=majority_sign_method)
     try:
         for path, layer in tuner.adapter_layers():
             if _factors(layer, adapter_name) is not None:
-                _fill_layer(layer, path, adapter_name, adapters, weights, combination_type, svd_options)
+                _fill_layer(
+                    layer, path, adapter_name, adapters, weights, combination_type, svd_options, merge_options
+                )
     except Exception:
         tuner.delete_adapter(adapter_name)  # no half-built adapter left behind
         raise
