@@ -90,7 +90,7 @@ ALL_MODES = [*TRAIN_MODES, *INFERENCE_MODES, *MIXED_MODES, *SPECIAL_MODES]
 # Options a training or inference mode can take as suffixes, e.g. ``lorakit_d0+keepmem+compile``:
 # ``+compile``: the wrapped transformers model under torch.compile (``.compile()`` after the adapters are in place;
 # the compilation falls in the untimed warm-up step, so keep ``--warmup`` >= 1);
-# ``+keepmem``: the trainer's CPU allocator policy (lorakit.train.allocator.keep_freed_memory) set first.
+# ``+keepmem``: the trainer's CPU allocator policy (lorakit.train.cpu_memory.keep_freed_memory) set first.
 MODE_OPTIONS = ("compile", "keepmem")
 
 
@@ -118,7 +118,7 @@ def _apply_options(model: torch.nn.Module, mode: str) -> None:
 
 def _allocator_policy(mode: str) -> None:
     if "keepmem" in mode_options(mode):
-        from lorakit.train.allocator import keep_freed_memory
+        from lorakit.train.cpu_memory import keep_freed_memory
 
         if not keep_freed_memory():
             raise RuntimeError("+keepmem needs glibc's mallopt, which this system does not have.")

@@ -8,9 +8,9 @@ One optimizer step (see :mod:`lorakit.train.batching` for the math):
 
 Only rank 0 writes files and prints. Every ``save_steps`` a checkpoint is written atomically; with
 ``resume`` the newest complete one restores adapter, optimizer, RNG states and data position, so an
-interrupted run ends with exactly the adapter of an uninterrupted one. Each evaluation feeds early stopping
-and ``best/`` (:mod:`lorakit.train.early_stopping`); each metrics line also goes to the ``report_to``
-trackers (:mod:`lorakit.train.trackers`).
+interrupted run ends with exactly the adapter of an uninterrupted one (:mod:`lorakit.train.checkpointer`).
+Each evaluation feeds early stopping and ``best/`` (:mod:`lorakit.train.early_stopping`); each metrics line
+also goes to the ``report_to`` trackers (:mod:`lorakit.train.trackers`).
 """
 
 from __future__ import annotations
@@ -26,14 +26,11 @@ from tqdm.auto import tqdm
 
 from lorakit.data import collate
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.adapters import (
-    after_optimizer_step,
-    attach_adapter,
-    regularization_loss,
-)
-from lorakit.train.allocator import keep_freed_memory, restore_defaults
+from lorakit.train.adapters import after_optimizer_step, attach_adapter, regularization_loss
 from lorakit.train.batching import count_trained_tokens, epoch_order, forward_loss_sum, rank_micro_batches
+from lorakit.train.checkpointer import Checkpointer, RunState
 from lorakit.train.config import TrainConfig, config_to_yaml
+from lorakit.train.cpu_memory import keep_freed_memory, restore_defaults
 from lorakit.train.data_prep import PreparedData, prepare_data
 from lorakit.train.distributed import (
     Distributed,
@@ -48,15 +45,8 @@ from lorakit.train.divergence import DivergenceMixin, TrainingDiverged
 from lorakit.train.early_stopping import BestAdapter
 from lorakit.train.evaluation import loss_sum_and_tokens
 from lorakit.train.lock import hold_output_dir
-from lorakit.train.metrics import (
-    MetricsLog,
-    format_summary,
-    peak_memory_bytes,
-    perplexity,
-    read_metrics,
-)
+from lorakit.train.metrics import MetricsLog, format_summary, peak_memory_bytes, perplexity, read_metrics
 from lorakit.train.plot import plot_loss_curves
-from lorakit.train.resume import CheckpointMixin, RunState
 from lorakit.train.samples import before_after, print_before_after, record_prompt
 from lorakit.train.schedule import set_learning_rates
 from lorakit.train.setup import Plan, autocast_context, build_optimizer, load_base, make_plan, seed_everything
@@ -85,7 +75,7 @@ def train(config: TrainConfig) -> TrainResult:
         shutdown(context)
 
 
-class Trainer(CheckpointMixin, DivergenceMixin):
+class Trainer(DivergenceMixin):
     def __init__(
         self,
         config: TrainConfig,
@@ -95,10 +85,11 @@ class Trainer(CheckpointMixin, DivergenceMixin):
     ) -> None:
         self.config, self.context = config, context
         self.stopper = stopper or StopSignals()  # not installed: never signalled
-        self.keeps_freed_memory = keeps_freed_memory  # the CPU allocator policy of lorakit.train.allocator
+        self.keeps_freed_memory = keeps_freed_memory  # glibc malloc settings of lorakit.train.cpu_memory
         self.output_dir = Path(config.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=context.is_main)
+        self.checkpointer = Checkpointer(self.checkpoint_root, self.metrics.path, context, config, self.say)
         self.state = RunState()
         self.best = BestAdapter.from_config(config, self.output_dir, context.is_main)
         self.trackers = Trackers()
@@ -266,15 +257,22 @@ class Trainer(CheckpointMixin, DivergenceMixin):
             self.best.observe(self.state.step, loss, self.model)
         return loss
 
+    # ------------------------------------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        """A checkpoint of ``state.step`` (:func:`lorakit.train.signals.stop_point` writes one too)."""
+        self.state.last_checkpoint = self.checkpointer.save(
+            self.state, self.model, self.optimizer, self.scaler, self.plan, self.data, self.base_lrs
+        )
+
     # --------------------------------------------------------------------------------------------- run
     def run(self) -> TrainResult:
-        self._check_output_dir()
+        self.checkpointer.check_output_dir()
         self.setup()
         if self.context.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.clean_partial(self.checkpoint_root)
-        barrier(self.context)
-        resumed = self.config.resume and self.resume()  # a changed run is refused before config.yaml
+        # with resume: the newest checkpoint (a changed run is refused before config.yaml)
+        restored = self.checkpointer.start(self.model, self.optimizer, self.scaler, self.plan, self.data)
+        self.state, resumed = restored or self.state, restored is not None
         if self.context.is_main:
             (self.output_dir / "config.yaml").write_text(config_to_yaml(self.config), encoding="utf-8")
         if not resumed and self.context.is_main and self.metrics.path.exists():

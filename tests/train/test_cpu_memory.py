@@ -1,4 +1,4 @@
-"""The CPU allocator policy: freed memory stays in the process (checked in a fresh interpreter)."""
+"""The CPU malloc settings: freed memory stays in the process (checked in a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from lorakit.train.allocator import _glibc_malloc
+from lorakit.train.cpu_memory import _glibc_malloc
 
 PROBE = """
 import os
 import sys
-from lorakit.train.allocator import keep_freed_memory, restore_defaults
+from lorakit.train.cpu_memory import keep_freed_memory, restore_defaults
 
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -1,4 +1,4 @@
-"""CPU allocator policy for training: keep freed memory in the process for the next step.
+"""CPU memory for training: glibc malloc settings that keep freed memory in the process for the next step.
 
 A training step allocates and frees the same few hundred MB of activations, logits and gradients every
 step. With glibc's defaults a block above the mmap threshold (32 MiB at most) is ``mmap``-ed and unmapped
