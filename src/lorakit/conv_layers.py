@@ -31,12 +31,13 @@ import warnings
 import torch
 from torch import nn
 
-from lorakit.layers import DoraMagnitude, Linear, LoraLayer
+from lorakit.lora_layer import LoraLayer, init_factors
 
 
 class _ConvNd(LoraLayer):
     """LoRA over a convolution of any kernel dimension (PEFT's ``_ConvNd``); subclasses fix ``conv_type``."""
 
+    kind = "conv"
     conv_type: type[nn.Module] = nn.Conv2d
 
     def __init__(self, base_layer: nn.Module):
@@ -56,7 +57,9 @@ class _ConvNd(LoraLayer):
                 stacklevel=3,
             )
 
-    def update_layer(self, name, r, lora_alpha, lora_dropout, init, use_rslora=False, use_dora=False):
+    def update_layer(
+        self, name, r, lora_alpha, lora_dropout=0.0, init=True, use_rslora=False, use_dora=False, **options
+    ):
         groups = self.base_layer.groups
         if r % groups != 0:
             raise ValueError(
@@ -64,12 +67,7 @@ class _ConvNd(LoraLayer):
                 f"divisible by groups (lora_B is a grouped conv). Choose another rank (rank_pattern can set it for "
                 f"this layer) or do not target this layer."
             )
-        if use_dora and groups > 1:
-            raise ValueError(
-                f"DoRA is not supported on a {type(self.base_layer).__name__} with groups={groups}: the update is "
-                f"not a grouped kernel, so the weight norm DoRA divides by is not defined. Use plain LoRA here."
-            )
-        super().update_layer(name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora)
+        super().update_layer(name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, **options)
 
     def _create_weights(self, name, r, dtype, device):
         base = self.base_layer
@@ -97,8 +95,14 @@ class _ConvNd(LoraLayer):
             device=device,
         )
 
-    def _init_weights(self, name, init):
-        Linear._init_weights(self, name, init)  # same rule: A kaiming-uniform (or gaussian), B zero
+    def _init_weights(self, name, init, options=None):
+        if init == "loftq":
+            raise ValueError(
+                f"LoftQ initialises Linear layers (it quantizes their weights); this target is a "
+                f"{type(self.base_layer).__name__}. Leave it out of target_modules, or use init_lora_weights=True."
+            )
+        # PiSSA and OLoRA are defined for Linear layers; convolutions keep the default init, as in PEFT
+        init_factors(self.lora_A[name].weight, self.lora_B[name].weight, init, self.r[name])
 
     def delta_weight(self, name):
         """``scaling * B A`` as a kernel of the base weight's shape (out, in, k...); groups = 1 only."""
@@ -121,14 +125,6 @@ class _ConvNd(LoraLayer):
         """(out,) values viewed to broadcast over a conv output, batched (N, out, ...) or not (out, ...)."""
         return values.reshape(-1, *(1,) * self.kernel_dims)
 
-    def _create_dora_magnitude(self, name: str) -> None:
-        with torch.no_grad():
-            norm = self._dora_row_norm(name, self.base_weight().float())
-        shape = (1, -1, *(1,) * self.kernel_dims)  # PEFT's shape, which is also the shape in its files
-        self.lora_magnitude_vector[name] = DoraMagnitude(
-            norm.reshape(shape).to(self._adapter_dtype_device()[0])
-        )
-
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if self.base_layer.groups > 1:
             raise NotImplementedError(
@@ -138,37 +134,10 @@ class _ConvNd(LoraLayer):
             )
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
-    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        if self.row_adapters is not None:
-            raise ValueError(
-                "Mixed-adapter batches (adapter_names) are supported on Linear and Embedding layers only."
-            )
-        for name in self._adapters_to_run():
-            lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            x_adapter = dropout(x.to(lora_A.weight.dtype))
-            if self.use_dora.get(name):
-                undropped = isinstance(dropout, nn.Identity) or not self.training
-                update = self._dora_update(name, x_adapter, result if undropped else None)
-            else:
-                update = lora_B(lora_A(x_adapter)) * self.scaling[name]
-            result = result + update.to(result.dtype)
-        return result
-
-    def _dora_update(self, name: str, x: torch.Tensor, base_result: torch.Tensor | None) -> torch.Tensor:
-        """``(m/n - 1) conv(x; W0) + (m/n) s B(A(x))``; ``base_result`` is ``conv(x; W0) + bias`` when known."""
-        base = self.base_layer
-        weight = base.weight.to(x.dtype)
-        with torch.no_grad():
-            norm = self._dora_row_norm(name, weight).to(x.dtype)
-        scale = self._per_channel(self.lora_magnitude_vector[name].weight.reshape(-1) / norm)
-        if base_result is None:  # dropout changed x: the base output for the dropped input, without bias
-            base_out = base._conv_forward(x, weight, None)
-        else:
-            base_out = base_result.to(x.dtype)
-            if base.bias is not None:
-                base_out = base_out - self._per_channel(base.bias.to(x.dtype))
-        lora_out = self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
-        return (scale - 1) * base_out + scale * lora_out
+    def lora_update(self, name, x, result):
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        update = lora_B(lora_A(dropout(x.to(lora_A.weight.dtype)))) * self.scaling[name]
+        return result + update.to(result.dtype)
 
 
 class Conv1d(_ConvNd):

@@ -19,13 +19,37 @@ The factor ``1 / (1 - p)`` of ``D`` is applied to the small (tokens x r) ``h`` a
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-_shared_masks: dict[int, tuple[weakref.ref, int, float, torch.Tensor]] | None = None
+
+class SharedMasks:
+    """Dropout keep-masks by input tensor, for one forward: adapters fed the same tensor reuse one mask.
+
+    A mask is found by the input's identity and checked against a weak reference and the tensor's version
+    counter, so a new tensor that reuses a freed tensor's id, or an input modified in place, draws a new mask.
+    """
+
+    def __init__(self) -> None:
+        self._masks: dict[int, tuple[weakref.ref, int, float, torch.Tensor]] = {}
+
+    def get(self, x: torch.Tensor, p: float) -> torch.Tensor | None:
+        cached = self._masks.get(id(x))
+        if cached is not None and cached[0]() is x and cached[1] == x._version and cached[2] == p:
+            return cached[3]
+        return None
+
+    def put(self, x: torch.Tensor, p: float, mask: torch.Tensor) -> None:
+        self._masks[id(x)] = (weakref.ref(x), x._version, p, mask)
+
+
+_scope: contextvars.ContextVar[SharedMasks | None] = contextvars.ContextVar(
+    "lorakit_shared_masks", default=None
+)
 
 
 @contextlib.contextmanager
@@ -33,14 +57,14 @@ def shared_dropout_scope() -> Iterator[None]:
     """Inside the block, adapters fed the very same input tensor (q/k/v, gate/up) share one dropout mask.
 
     LoraModel opens it around each forward (not under gradient checkpointing, whose recomputation runs
-    outside the block and must draw the same masks as the first pass).
+    outside the block and must draw the same masks as the first pass). The masks live in a context variable,
+    so threads and nested scopes each see their own.
     """
-    global _shared_masks
-    outer, _shared_masks = _shared_masks, {}
+    token = _scope.set(SharedMasks())
     try:
         yield
     finally:
-        _shared_masks = outer
+        _scope.reset(token)
 
 
 _MASK_LEVELS = 1 << 16  # dropout probabilities are resolved to 1/65536
@@ -65,13 +89,12 @@ def _draw_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.
 
 def _dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Boolean keep-mask, one byte per input element; shared within a :func:`shared_dropout_scope`."""
-    if _shared_masks is not None:
-        cached = _shared_masks.get(id(x))
-        if cached is not None and cached[0]() is x and cached[1] == x._version and cached[2] == p:
-            return cached[3]
-    mask = _draw_keep_mask(x.shape, p, x.device)
-    if _shared_masks is not None:
-        _shared_masks[id(x)] = (weakref.ref(x), x._version, p, mask)
+    shared = _scope.get()
+    mask = shared.get(x, p) if shared is not None else None
+    if mask is None:
+        mask = _draw_keep_mask(x.shape, p, x.device)
+        if shared is not None:
+            shared.put(x, p, mask)
     return mask
 
 
@@ -167,6 +190,25 @@ def lora_update_(
         h = _masked(x2, mask) @ weight_A.to(compute_dtype).T
         _add_low_rank_(base_out, h, weight_B.to(compute_dtype), scaling * _keep_scale(mask, p))
     return base_out
+
+
+def reference_lora_update(
+    base_out: torch.Tensor,
+    x: torch.Tensor,
+    weight_A: torch.Tensor,
+    weight_B: torch.Tensor,
+    scaling: float,
+    keep_mask: torch.Tensor | None = None,
+    p: float = 0.0,
+) -> torch.Tensor:
+    """The plain formula the kernel must equal: ``base_out + scaling * ((x * D) A^T) B^T``, ``D = mask / (1 - p)``.
+
+    Out of place, through autograd's own ops; the equivalence tests compare :func:`lora_update_` with it
+    (outputs and every gradient) for each layer kind that runs through the kernel.
+    """
+    dropped = x if keep_mask is None else x * keep_mask / (1 - p)
+    update = (dropped.to(weight_A.dtype) @ weight_A.T) @ weight_B.T
+    return base_out + (update * scaling).to(base_out.dtype)
 
 
 def stack_adapters(

@@ -14,10 +14,10 @@ from __future__ import annotations
 from torch import nn
 
 from lorakit.config import LoraConfig, PeftConfig
-from lorakit.layers import ADAPTER_ATTRIBUTES
-from lorakit.peft_model import TUNERS, PeftModel
+from lorakit.methods import method_for_type
+from lorakit.peft_model import PeftModel
+from lorakit.serialization import adapter_state_keys
 
-_ADAPTER_PARTS = {*ADAPTER_ATTRIBUTES, "modules_to_save"}
 MIXED_ONLY_LORA = (
     "lorakit's PeftMixedModel (get_peft_model(..., mixed=True)) holds plain LoRA adapters only: PEFT's mixed "
     "model combines different adapter methods on one model, which lorakit does not support. For {kind} use "
@@ -47,13 +47,12 @@ def inject_adapter_in_model(
         raise TypeError(
             f"peft_config must be a lorakit config (LoraConfig, ...), got {type(peft_config).__name__}."
         )
-    tuner_cls = TUNERS.get(peft_config.peft_type)
-    if tuner_cls is None:
-        raise ValueError(f"inject_adapter_in_model does not support {peft_config.peft_type}.")
+    tuner_cls = method_for_type(peft_config.peft_type).tuner_class
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict) and adapter_name in configs:
         raise ValueError(f"The model already has an adapter named {adapter_name!r}.")
-    before = [(p, p.requires_grad) for n, p in model.named_parameters() if _ADAPTER_PARTS & set(n.split("."))]
+    adapter_keys = set(adapter_state_keys(model))
+    before = [(p, p.requires_grad) for n, p in model.named_parameters() if n in adapter_keys]
     tuner = tuner_cls(model, peft_config, adapter_name)
     for param, flag in before:  # as in PEFT, adapters injected earlier keep training (or not) as before
         param.requires_grad_(flag)

@@ -27,7 +27,8 @@ import warnings
 import torch
 from torch import nn
 
-from lorakit.layers import Linear, LoraLayer
+from lorakit.linear_layer import Linear
+from lorakit.lora_layer import LoraLayer, init_factors
 
 
 class OutProjection(Linear):
@@ -79,10 +80,19 @@ class MultiheadAttention(LoraLayer):
         self.lora_B = nn.ModuleDict()
         base_layer.out_proj = OutProjection(base_layer.out_proj)
 
-    # in_proj's adapter is a Linear's: same weights, init and delta
+    kind = "mha"
+
+    # in_proj's adapter is a Linear's: same weights and delta
     _create_weights = Linear._create_weights
-    _init_weights = Linear._init_weights
     delta_weight = Linear.delta_weight
+
+    def _init_weights(self, name, init, options=None):
+        if init in ("loftq", "pissa", "olora") or str(init).startswith("pissa_niter_"):
+            raise ValueError(
+                f"init_lora_weights={init!r} is not supported on nn.MultiheadAttention (its adapters act on the "
+                "packed in_proj weight); use True or 'gaussian', or leave the attention module out of target_modules."
+            )
+        init_factors(self.lora_A[name].weight, self.lora_B[name].weight, init, self.r[name])
 
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.in_proj_weight
@@ -164,17 +174,17 @@ class MultiheadAttention(LoraLayer):
         if isinstance(out_proj, OutProjection):  # not yet during __init__
             out_proj.disable_adapters = value
 
-    def update_layer(self, name, r, lora_alpha, lora_dropout, init, use_rslora=False, use_dora=False):
-        if use_dora:
-            raise ValueError("MultiheadAttention does not support DoRA; set use_dora=False for this layer.")
+    def update_layer(
+        self, name, r, lora_alpha, lora_dropout=0.0, init=True, use_rslora=False, use_dora=False, **options
+    ):
         if lora_dropout > 0:
             warnings.warn(
                 "lora_dropout has no effect on nn.MultiheadAttention: its adapters act on the weights, not on "
                 "the input.",
                 stacklevel=3,
             )
-        super().update_layer(name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora)
-        self.out_proj.update_layer(name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora)
+        super().update_layer(name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, **options)
+        self.out_proj.update_layer(name, r, lora_alpha, lora_dropout, init, use_rslora, use_dora, **options)
 
     def set_adapter(self, names: str | list[str]) -> None:
         super().set_adapter(names)

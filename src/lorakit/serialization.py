@@ -19,50 +19,55 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorakit.layers import ADAPTER_ATTRIBUTES
+from lorakit.modules_to_save import ModulesToSaveWrapper
+from lorakit.tuner_layer import BaseTunerLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def _saved_key(model_key: str, adapter_name: str) -> str | None:
-    """The file key for a model state-dict key of ``adapter_name``, or None if the key is not that adapter's."""
-    parts = model_key.split(".")
-    for index, part in enumerate(parts[:-1]):
-        if part in ADAPTER_ATTRIBUTES and parts[index + 1] == adapter_name:
-            saved = parts[: index + 1] + parts[index + 2 :]
-            if part == "lora_magnitude_vector" and saved[-1] == "weight":
-                saved = saved[:-1]
-            return ".".join(saved)
-        if part == "modules_to_save" and parts[index + 1] == adapter_name:
-            return ".".join(parts[:index] + parts[index + 2 :])
-    return None
-
-
-def _is_other_adapter_key(model_key: str) -> bool:
-    parts = model_key.split(".")
-    return any(p in ADAPTER_ATTRIBUTES or p in ("modules_to_save", "original_module") for p in parts)
-
-
 def adapter_key_map(model: torch.nn.Module, adapter_name: str, bias: str = "none") -> dict[str, str]:
-    """Map file key -> model state-dict key for everything adapter ``adapter_name`` saves."""
-    state_keys = list(model.state_dict().keys())
+    """Map file key -> model state-dict key for everything adapter ``adapter_name`` saves.
+
+    Each adapter layer says which of its tensors the adapter has and under which file keys
+    (:meth:`~lorakit.tuner_layer.BaseTunerLayer.adapter_state_keys`); a ``modules_to_save`` copy is saved under
+    the original module's names. ``bias`` adds the biases the adapter trains (``"all"`` or ``"lora_only"``).
+    """
     mapping: dict[str, str] = {}
-    lora_prefixes = set()
-    for key in state_keys:
-        saved = _saved_key(key, adapter_name)
-        if saved is not None:
-            mapping[saved] = key
-            if ".lora_" in key:
-                lora_prefixes.add(key.split(".lora_")[0])
+    adapted = set()
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, BaseTunerLayer):
+            keys = module.adapter_state_keys(adapter_name)
+            mapping.update({prefix + file_key: prefix + key for file_key, key in keys.items()})
+            if keys:
+                adapted.add(path)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            copy = module.modules_to_save[adapter_name]
+            for rest in copy.state_dict():
+                mapping[f"{prefix}{rest}"] = f"{prefix}modules_to_save.{adapter_name}.{rest}"
     if bias in ("all", "lora_only"):
-        for key in state_keys:
-            if not key.endswith("bias") or _is_other_adapter_key(key):
+        internal = set(adapter_state_keys(model))
+        for key in model.state_dict():
+            if not key.endswith("bias") or key in internal:
                 continue
             owner = key[: -len(".base_layer.bias")] if key.endswith(".base_layer.bias") else None
-            if bias == "all" or owner in lora_prefixes:
+            if bias == "all" or owner in adapted:
                 mapping[key] = key
     return mapping
+
+
+def adapter_state_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of every adapter's tensors and trained copies (and the frozen originals of those copies)."""
+    keys = []
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, BaseTunerLayer):
+            for name in module.adapter_names:
+                keys.extend(prefix + key for key in module.adapter_state_keys(name).values())
+        elif isinstance(module, ModulesToSaveWrapper):
+            keys.extend(f"{prefix}{key}" for key in module.state_dict())
+    return keys
 
 
 def embedding_state_keys(model: torch.nn.Module) -> list[str]:
@@ -71,10 +76,9 @@ def embedding_state_keys(model: torch.nn.Module) -> list[str]:
     layers = [getter() for getter in getters if callable(getter)]
     wanted = {id(getattr(layer, "base_layer", layer)) for layer in layers if layer is not None}
     prefixes = [f"{name}." for name, module in model.named_modules() if id(module) in wanted and name]
+    internal = set(adapter_state_keys(model))
     return [
-        key
-        for key in model.state_dict()
-        if any(key.startswith(p) for p in prefixes) and not _is_other_adapter_key(key)
+        key for key in model.state_dict() if any(key.startswith(p) for p in prefixes) and key not in internal
     ]
 
 

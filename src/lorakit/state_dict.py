@@ -21,9 +21,9 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.inject import ModulesToSaveWrapper
-from lorakit.layers import LoraLayer
 from lorakit.serialization import adapter_key_map, embedding_state_keys
 from lorakit.tuner import BaseTuner
+from lorakit.tuner_layer import BaseTunerLayer
 
 PEFT_PREFIX = "base_model.model."
 # Infixes that DDP, torch.compile, FSDP and activation checkpointing add to state-dict keys of a wrapped model.
@@ -165,7 +165,7 @@ def _wrapper_names(model: nn.Module) -> tuple[set[str], set[str]]:
     if tuner is not None:
         layers = {name for name, _ in tuner.adapter_layers()}
     else:
-        layers = {name for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
+        layers = {name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)}
     wrappers = {name for name, module in inner.named_modules() if isinstance(module, ModulesToSaveWrapper)}
     return layers, wrappers
 

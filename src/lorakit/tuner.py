@@ -21,13 +21,12 @@ from lorakit.inject import (
     lora_layers,
     replace_with_base,
     save_wrappers,
+    tuner_layers,
 )
-from lorakit.layers import ADAPTER_ATTRIBUTES, LoraLayer
+from lorakit.lora_layer import LoraLayer
 from lorakit.lora_ops import shared_dropout_scope
 
 BASE_ADAPTER = "__base__"
-# Sub-module containers that hold one entry per adapter name (not AdaLoRA's frozen ``ranknum``).
-_ADAPTER_CONTAINERS = (*ADAPTER_ATTRIBUTES, "modules_to_save")
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -115,7 +114,8 @@ class BaseTuner(nn.Module):
         raise NotImplementedError
 
     def adapter_layers(self) -> Iterator[tuple[str, nn.Module]]:
-        raise NotImplementedError
+        """Every adapter layer of the model (inner layers first, see :func:`lorakit.inject.tuner_layers`)."""
+        return tuner_layers(self.model)
 
     def mixed_batch(self, adapter_names: list[str]):
         raise ValueError(f"Mixed-adapter batches (adapter_names) are not supported by {type(self).__name__}.")
@@ -180,17 +180,16 @@ class BaseTuner(nn.Module):
             param.requires_grad_(requires_grad)
 
     def _adapter_parameters(self, names: set[str] | None = None) -> list[nn.Parameter]:
-        """Parameters of the adapters ``names`` (all adapters if None): ``<layer>.<container>.<name>...``."""
+        """Weights of the adapters ``names`` (all adapters if None), as each layer reports them."""
         params = []
-        modules = [m for _, m in self.adapter_layers()] + [m for _, m in save_wrappers(self.model)]
-        for module in modules:
-            for key, param in module.named_parameters():
-                parts = key.split(".")
-                if parts[0] not in _ADAPTER_CONTAINERS or len(parts) < 2:
-                    continue
-                if names is None or parts[1] in names:
-                    params.append(param)
-        return params
+        for _, layer in self.adapter_layers():
+            for name in layer.adapter_names if names is None else names:
+                params.extend(layer.adapter_parameters(name))
+        for _, wrapper in save_wrappers(self.model):
+            for name, module in wrapper.modules_to_save.items():
+                if names is None or name in names:
+                    params.extend(module.parameters())
+        return list({id(p): p for p in params}.values())
 
     def _check_not_unloaded(self, action: str) -> None:
         if self._unloaded:

@@ -179,7 +179,9 @@ def _train(assets, tmp_path, *flags: str) -> int:
 
 
 def test_train_max_seq_length_beyond_the_models_positions(assets, tmp_path, capsys):
-    assert _train(assets, tmp_path, "--max_seq_length", "512") == 2  # a config error, found once the model is known
+    assert (
+        _train(assets, tmp_path, "--max_seq_length", "512") == 2
+    )  # a config error, found once the model is known
     err = _one_line_error(capsys, "train")
     assert "'max_seq_length' is 512, but the model has only 256 positions (max_position_embeddings)" in err
 

@@ -20,13 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers import Conv1D, LoraLayer, is_quantized_linear, linear_features
+from lorakit.layer_kinds import is_gpt2_conv1d, is_quantized_linear, linear_features
+from lorakit.lora_layer import LoraLayer
+from lorakit.lora_ops import lora_update_
 
 RANKNUM_EPS = 1e-5
 
 
 class AdaLoraLayer(LoraLayer):
     """Common state of an SVD-form layer: ``lora_A``, ``lora_E``, ``lora_B`` and ``ranknum`` per adapter."""
+
+    method_label = "AdaLoRA"
+    factor_names = ("lora_A", "lora_E", "lora_B")
+    other_param_names = (*LoraLayer.other_param_names, "ranknum")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -39,19 +45,28 @@ class AdaLoraLayer(LoraLayer):
         """Number of columns of ``A``: the flattened input size of one output feature."""
         return self.in_features
 
-    def update_layer(  # type: ignore[override]
+    def update_layer(
         self,
         name: str,
         r: int,
         lora_alpha: float,
-        lora_dropout: float,
-        init: bool,
+        lora_dropout: float = 0.0,
+        init: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        *,
         ranknum: int | None = None,
+        **options,
     ) -> None:
         """Add adapter ``name`` with ``r`` triplets; ``ranknum`` (default ``r``) fixes the scaling divisor.
 
-        ``r == 0`` is allowed: a layer whose every triplet was pruned reloads as an empty update.
+        ``r == 0`` is allowed: a layer whose every triplet was pruned reloads as an empty update. The signature
+        is :meth:`LoraLayer.update_layer`'s; rsLoRA and DoRA do not apply to AdaLoRA.
         """
+        if use_rslora or use_dora:
+            raise ValueError(
+                "AdaLoRA does not combine with use_dora or use_rslora; use a LoraConfig for those."
+            )
         if r < 0:
             raise ValueError(f"An AdaLoRA layer needs r >= 0 singular triplets, got {r}.")
         if name in self.r:
@@ -62,7 +77,6 @@ class AdaLoraLayer(LoraLayer):
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha if lora_alpha > 0 else float(r)
-        self.use_dora[name] = False
         self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         factory = dict(dtype=dtype, device=device)
         self.lora_A[name] = nn.Parameter(torch.randn(r, self._a_columns(), **factory))
@@ -81,24 +95,13 @@ class AdaLoraLayer(LoraLayer):
     def set_adapter(self, names: str | list[str]) -> None:
         """Make ``names`` active; their ``A``, ``E``, ``B`` require grad, ``ranknum`` never does."""
         super().set_adapter(names)
-        names = [names] if isinstance(names, str) else list(names)
-        for container in (self.lora_A, self.lora_E, self.lora_B):
-            for key, param in container.items():
-                param.requires_grad_(key in names)
         for param in self.ranknum.values():
             param.requires_grad_(False)
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        for container in (self.lora_A, self.lora_E, self.lora_B, self.ranknum):
-            if name in container:
-                del container[name]
-
-    def _refuse_mixed_batch(self) -> None:
-        if getattr(self, "row_adapters", None) is not None:
-            raise ValueError(
-                "Mixed-adapter batches (adapter_names) are supported for LoRA adapters only, not for AdaLoRA."
-            )
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        raise ValueError(
+            "Mixed-adapter batches (adapter_names) are supported for LoRA adapters only, not for AdaLoRA."
+        )
 
     def scaled(self, name: str, update: torch.Tensor) -> torch.Tensor:
         """``update * lora_alpha / (ranknum + 1e-5)`` (in PEFT's order of operations)."""
@@ -124,14 +127,13 @@ class SVDLinear(AdaLoraLayer):
     def _to_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
 
-    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        self._refuse_mixed_batch()
-        for name in self._adapters_to_run():
-            lora_A, lora_E, lora_B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
-            x_adapter = self.lora_dropout[name](x.to(lora_A.dtype))
-            update = self.scaled(name, x_adapter @ (lora_A * lora_E).T @ lora_B.T)
-            result = result + update.to(result.dtype)
-        return result
+    def lora_update(self, name, x, result):
+        """``result + dropout(x) (A * E)^T (B * alpha / (ranknum + 1e-5))^T`` through the fused kernel."""
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        weight_A = self.lora_A[name] * self.lora_E[name]
+        weight_B = self.scaled(name, self.lora_B[name])
+        return lora_update_(result, x, weight_A, weight_B, 1.0, p, self.training)
 
 
 class SVDConv2d(AdaLoraLayer):
@@ -158,38 +160,37 @@ class SVDConv2d(AdaLoraLayer):
     def _from_rows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return rows.reshape(like.shape)
 
-    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        self._refuse_mixed_batch()
+    def lora_update(self, name, x, result):
         base = self.base_layer
-        for name in self._adapters_to_run():
-            x_adapter = self.lora_dropout[name](x.to(self.lora_A[name].dtype))
-            kernel = self.delta_weight(name)
-            update = F.conv2d(
-                x_adapter, kernel, stride=base.stride, padding=base.padding, dilation=base.dilation
-            )
-            result = result + update.to(result.dtype)
-        return result
+        x_adapter = self.lora_dropout[name](x.to(self.lora_A[name].dtype))
+        kernel = self.delta_weight(name)
+        update = F.conv2d(x_adapter, kernel, stride=base.stride, padding=base.padding, dilation=base.dilation)
+        return result + update.to(result.dtype)
+
+
+def svd_supported(module: nn.Module) -> bool:
+    """Whether AdaLoRA can wrap ``module``: a Linear, GPT-2 ``Conv1D``, 4-bit Linear or ``nn.Conv2d``."""
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_gpt2_conv1d(module) or is_quantized_linear(module)
+
+
+def svd_unsupported_message(name: str, module: nn.Module, model: nn.Module | None = None) -> str:
+    return (
+        f"AdaLoRA cannot adapt {name!r}, a {type(module).__name__}: it supports nn.Linear, transformers "
+        f"Conv1D, nn.Conv2d and lorakit's 4-bit Linear (not embeddings, unlike LoRA). Remove it from "
+        f"target_modules, or use a LoraConfig for it."
+    )
 
 
 def check_svd_supported(module: nn.Module, module_name: str) -> None:
     """Raise a clear ``TypeError`` if AdaLoRA cannot wrap ``module``."""
-    supported = (
-        isinstance(module, (nn.Linear, nn.Conv2d))
-        or (Conv1D is not None and isinstance(module, Conv1D))
-        or is_quantized_linear(module)
-    )
-    if not supported:
-        raise TypeError(
-            f"AdaLoRA cannot adapt {module_name!r}, a {type(module).__name__}: it supports nn.Linear, transformers "
-            f"Conv1D, nn.Conv2d and lorakit's 4-bit Linear (not embeddings, unlike LoRA). Remove it from "
-            f"target_modules, or use a LoraConfig for it."
-        )
+    if not svd_supported(module):
+        raise TypeError(svd_unsupported_message(module_name, module))
 
 
 def make_svd_layer(module: nn.Module, module_name: str) -> AdaLoraLayer:
     """The AdaLoRA wrapper for ``module``'s type; a clear error for types AdaLoRA cannot wrap."""
     check_svd_supported(module, module_name)
-    if Conv1D is not None and isinstance(module, Conv1D):
+    if is_gpt2_conv1d(module):
         return SVDLinear(module, fan_in_fan_out=True)
     if isinstance(module, nn.Conv2d):
         return SVDConv2d(module)

@@ -10,23 +10,14 @@ at its pruned size (with ``ranknum`` still ``init_r``), so that saved adapters r
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lorakit.adalora.allocator import RankAllocator
 from lorakit.adalora.config import AdaLoraConfig
-from lorakit.adalora.layers import AdaLoraLayer, check_svd_supported, make_svd_layer
-from lorakit.inject import (
-    ModulesToSaveWrapper,
-    find_targets,
-    get_submodule_parent,
-    inject_modules_to_save,
-    is_target,
-)
-from lorakit.layers import LoraLayer
+from lorakit.adalora.layers import AdaLoraLayer, make_svd_layer, svd_supported, svd_unsupported_message
+from lorakit.inject import LayerFactory, inject_adapter, inject_modules_to_save
 from lorakit.tuner import LoraModel, with_task_heads
 
 SAVED_PREFIX = "base_model.model."  # what PeftModel puts before a module path in its state dict
-_WRAPPER_PARTS = ("base_layer", "original_module", "modules_to_save", "ranknum")
 
 
 class AdaLoraModel(LoraModel):
@@ -48,8 +39,7 @@ class AdaLoraModel(LoraModel):
                 f"add {adapter_name!r} with inference_mode=True."
             )
         config = with_task_heads(config)
-        _check_target_types(self.model, config)
-        layers = inject_svd_adapter(self.model, config, adapter_name)
+        layers = inject_adapter(self.model, config, adapter_name, SVD_LAYERS)
         inject_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
@@ -181,47 +171,24 @@ def _flags_for(pattern: dict[str, list[bool]], path: str, adapter_name: str) -> 
     return pattern.get(f"{path}.lora_E", pattern.get(f"{path}.lora_E.{adapter_name}"))
 
 
-def _check_target_types(model: nn.Module, config: AdaLoraConfig) -> None:
-    """Refuse, with AdaLoRA's own message, a named target that AdaLoRA cannot wrap (e.g. an embedding)."""
-    if config.target_modules == "all-linear" or config.target_modules is None:
-        return
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if (
-            not name
-            or isinstance(module, ModulesToSaveWrapper)
-            or any(p in _WRAPPER_PARTS or p.startswith("lora_") for p in parts)
-        ):
-            continue
-        if is_target(name, config, set()):
-            base = module.base_layer if isinstance(module, AdaLoraLayer) else module
-            check_svd_supported(base, name)
+def _add_svd_adapter(layer: AdaLoraLayer, adapter_name: str, name: str, config: AdaLoraConfig) -> None:
+    """Add ``adapter_name``: ``init_r`` triplets, or only the kept ones of a ``rank_pattern`` (``ranknum = init_r``)."""
+    flags = _flags_for(config.rank_pattern or {}, name, adapter_name)
+    rank = config.init_r if flags is None else sum(flags)
+    layer.update_layer(
+        adapter_name,
+        rank,
+        config.lora_alpha,
+        config.lora_dropout,
+        config.init_lora_weights,
+        ranknum=config.init_r,
+    )
 
 
-def inject_svd_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> dict[str, AdaLoraLayer]:
-    """Wrap (or extend) every targeted module with adapter ``adapter_name``; returns path -> layer.
-
-    A layer listed in ``config.rank_pattern`` gets only its kept triplets, with ``ranknum = init_r``.
-    """
-    layers = {}
-    for name in find_targets(model, config):
-        module = model.get_submodule(name)
-        if isinstance(module, LoraLayer) and not isinstance(module, AdaLoraLayer):
-            raise ValueError(f"{name!r} already holds a LoRA adapter; AdaLoRA and LoRA cannot share a layer.")
-        if not isinstance(module, AdaLoraLayer):
-            wrapped = make_svd_layer(module, name)
-            parent, child = get_submodule_parent(model, name)
-            setattr(parent, child, wrapped)
-            module = wrapped
-        flags = _flags_for(config.rank_pattern or {}, name, adapter_name)
-        rank = config.init_r if flags is None else sum(flags)
-        module.update_layer(
-            adapter_name,
-            rank,
-            config.lora_alpha,
-            config.lora_dropout,
-            config.init_lora_weights,
-            ranknum=config.init_r,
-        )
-        layers[name] = module
-    return layers
+SVD_LAYERS = LayerFactory(
+    layer_class=AdaLoraLayer,
+    supports=svd_supported,
+    wrap=lambda module, name, config: make_svd_layer(module, name),
+    add=_add_svd_adapter,
+    unsupported=svd_unsupported_message,
+)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.layers import Conv1D, is_quantized_linear
+from lorakit.layer_kinds import adapter_dtype_device, output_size
+from lorakit.tuner_layer import BaseTunerLayer
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -23,47 +24,31 @@ ACTIVATIONS = {
 HOULSBY_STD = 1e-2
 
 
-def output_size(module: nn.Module) -> int | None:
-    """Size of the last dimension of ``module``'s output, for the layer types an adapter can follow."""
-    if Conv1D is not None and isinstance(module, Conv1D):
-        return module.weight.shape[1]
-    if isinstance(module, nn.Linear) or is_quantized_linear(module):
-        return module.out_features
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    return None
+def unsupported_message(name: str, module: nn.Module, model: nn.Module | None = None) -> str:
+    return (
+        f"A bottleneck Adapter cannot follow {name!r}, a {type(module).__name__}: it needs a "
+        f"layer whose output size is known (nn.Linear, transformers Conv1D, nn.Embedding, 4-bit Linear). "
+        f"Target the block's output projection instead (e.g. o_proj and down_proj in Llama)."
+    )
 
 
-def _adapter_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
-    weight = module.dequantize() if hasattr(module, "dequantize") else module.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return dtype, weight.device
-
-
-class BottleneckLayer(nn.Module):
+class BottleneckLayer(BaseTunerLayer):
     """A frozen module followed by residual bottleneck adapters."""
 
+    method_label = "bottleneck Adapter"
+    adapter_layer_names = ("adapter_down", "adapter_up")
+    other_param_names = ("adapter_act", "adapter_dropout")
+
     def __init__(self, base_layer: nn.Module, module_name: str = "module"):
-        super().__init__()
         size = output_size(base_layer)
         if size is None:
-            raise TypeError(
-                f"A bottleneck Adapter cannot follow {module_name!r}, a {type(base_layer).__name__}: it needs a "
-                f"layer whose output size is known (nn.Linear, transformers Conv1D, nn.Embedding, 4-bit Linear). "
-                f"Target the block's output projection instead (e.g. o_proj and down_proj in Llama)."
-            )
-        self.base_layer = base_layer
+            raise TypeError(unsupported_message(module_name, base_layer))
+        super().__init__(base_layer)
         self.out_features = size
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_act = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.adapter_down)
 
     def update_layer(
         self, name: str, bottleneck_size: int, non_linearity: str, dropout: float, init: str
@@ -73,7 +58,7 @@ class BottleneckLayer(nn.Module):
             raise ValueError(
                 f"Adapter {name!r} already exists on this layer; delete it first or pick a new name."
             )
-        dtype, device = _adapter_dtype_device(self.base_layer)
+        dtype, device = adapter_dtype_device(self.base_layer)
         self.adapter_down[name] = nn.Linear(self.out_features, bottleneck_size, dtype=dtype, device=device)
         self.adapter_up[name] = nn.Linear(bottleneck_size, self.out_features, dtype=dtype, device=device)
         self.adapter_act[name] = ACTIVATIONS[non_linearity]()
@@ -96,20 +81,6 @@ class BottleneckLayer(nn.Module):
                     )
                     nn.init.zeros_(linear.bias)
             # "random": PyTorch's own Linear init for both projections
-
-    def set_adapter(self, names: str | list[str]) -> None:
-        """Make ``names`` active; only their weights require grad."""
-        names = [names] if isinstance(names, str) else list(names)
-        for container in (self.adapter_down, self.adapter_up):
-            for key, module in container.items():
-                module.requires_grad_(key in names)
-        self.active_adapters = names
-
-    def delete_adapter(self, name: str) -> None:
-        for container in (self.adapter_down, self.adapter_up, self.adapter_act, self.adapter_dropout):
-            if name in container:
-                del container[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def adapter_update(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         """``W_up act(W_down dropout(h) + b_down) + b_up`` for adapter ``name``."""
