@@ -4,7 +4,7 @@ import os
 
 from lorakit.adalora import AdaLoraConfig
 from lorakit.bottleneck import AdapterConfig
-from lorakit.config import LoraConfig, PeftConfig, PeftType, TaskType
+from lorakit.config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from lorakit.lowrank import factorize
 from lorakit.mapping import PeftMixedModel, inject_adapter_in_model
 from lorakit.models import load_model, load_tokenizer
@@ -29,6 +29,7 @@ if os.environ.get("LORAKIT_NO_HF_INTEGRATION", "") in ("", "0"):
 __all__ = [
     "AdaLoraConfig",
     "AdapterConfig",
+    "LoftQConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftMixedModel",

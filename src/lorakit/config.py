@@ -58,7 +58,6 @@ class PeftType(str, enum.Enum):
 _PEFT_KEYS_AT_DEFAULT: dict[str, Any] = {
     "revision": None,
     "auto_mapping": None,
-    "loftq_config": {},
     "megatron_config": None,
     "megatron_core": "megatron.core",
     "layer_replication": None,
@@ -242,6 +241,19 @@ def looks_like_repo_id(text: str) -> bool:
 
 
 @dataclass
+class LoftQConfig:
+    """PEFT's ``LoftQConfig`` (Li et al. 2023): pass as ``LoraConfig(init_lora_weights="loftq", loftq_config=...)``.
+
+    Args:
+        loftq_bits: bits of the quantized base weight (lorakit: 4, NF4 with double quantization).
+        loftq_iter: alternating steps of quantization and rank-r SVD of the residual (LoftQ's ``T``).
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """Configuration of a LoRA adapter (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
 
@@ -263,7 +275,12 @@ class LoraConfig(PeftConfig):
         use_dora: weight-decomposed LoRA (Liu et al. 2024): ``W' = m * (W0 + s BA) / ||W0 + s BA||_row``.
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
         init_lora_weights: ``True`` = A kaiming-uniform and B zero (output equals the base model at start);
-            ``"gaussian"`` = A normal with std 1/r, B zero; ``False`` = both random (tests of merging).
+            ``"gaussian"`` = A normal with std 1/r, B zero; ``False`` = both random (tests of merging);
+            ``"pissa"`` / ``"pissa_niter_K"`` (Meng et al. 2024) and ``"olora"`` (Büyükakyüz 2024) = A and B from
+            the base weight's SVD / QR, the base weight becoming the residual ``W0 - s B A``; ``"loftq"`` (Li et
+            al. 2023, with ``loftq_config``) = the base quantized to 4-bit NF4 jointly with A and B (see
+            :mod:`lorakit.initializers`). These four apply to Linear layers (others keep the default init).
+        loftq_config: :class:`LoftQConfig` fields (``loftq_bits``, ``loftq_iter``) for ``init_lora_weights="loftq"``.
         layers_to_transform: layer indices to adapt (with ``layers_pattern`` naming the layer list).
         layers_pattern: name(s) of the module list holding the layers, e.g. ``"layers"`` or ``"h"``.
         rank_pattern / alpha_pattern: per-module overrides of r / lora_alpha, keyed by name or regex.
@@ -284,6 +301,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     modules_to_save: list[str] | None = None
     init_lora_weights: bool | str = True
+    loftq_config: dict[str, Any] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -295,6 +313,9 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         self.task_type = TaskType.parse(self.task_type)
+        if dataclasses.is_dataclass(self.loftq_config):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        self.loftq_config = dict(self.loftq_config or {})
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -318,10 +339,21 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
-            )
+        from lorakit.initializers import parse_init
+
+        parse_init(self.init_lora_weights)  # raises naming the accepted values
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ValueError(
+                    "init_lora_weights='loftq' needs loftq_config, e.g. loftq_config=LoftQConfig(loftq_bits=4, "
+                    "loftq_iter=1) (PEFT's class and fields)."
+                )
+            if self.loftq_config.get("loftq_bits", 4) != 4:
+                raise ValueError(
+                    f"lorakit's LoftQ quantizes to 4-bit NF4; loftq_bits must be 4, got {self.loftq_config}."
+                )
+        elif self.loftq_config:
+            warnings.warn("loftq_config is ignored unless init_lora_weights='loftq'.", stacklevel=3)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern only makes sense together with layers_to_transform.")
         if isinstance(self.target_modules, str) and self.layers_to_transform:
@@ -329,7 +361,13 @@ class LoraConfig(PeftConfig):
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        return lora_scaling(alpha, rank, self.use_rslora)
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor of the LoRA update: ``alpha / r`` (Hu et al. 2021, sec. 4.1), or ``alpha / sqrt(r)`` with rsLoRA
+    (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", theorem 3.2)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def load_config(directory: str | os.PathLike) -> LoraConfig:
@@ -342,22 +380,17 @@ def load_config(directory: str | os.PathLike) -> LoraConfig:
 
 
 def config_class_for(peft_type: str, where: str = "config") -> type:
-    """The registered config class whose ``peft_type`` is ``peft_type`` (``"LORA"``, ``"ADALORA"``, ...)."""
-    for config_cls in registered_config_classes():
-        if config_cls.peft_type_name() == peft_type:
-            return config_cls
-    raise ValueError(f"{where}: adapter type {peft_type!r} is not supported by lorakit.")
+    """The config class whose ``peft_type`` is ``peft_type`` (``"LORA"``, ``"ADALORA"``, ...), from the method table."""
+    from lorakit.methods import method_for_type
+
+    try:
+        return method_for_type(peft_type).config_class
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
-_CONFIG_CLASSES: list[type[LoraConfig]] = [LoraConfig]
+def config_classes() -> tuple[type, ...]:
+    """Every config class of the method table (:data:`lorakit.methods.METHODS`)."""
+    from lorakit.methods import METHODS
 
-
-def register_config_class(config_cls: type) -> type:
-    """Let another adapter method (AdaLoRA, bottleneck Adapter) be read by :func:`load_config`."""
-    if config_cls not in _CONFIG_CLASSES:
-        _CONFIG_CLASSES.append(config_cls)
-    return config_cls
-
-
-def registered_config_classes() -> list[type]:
-    return list(_CONFIG_CLASSES)
+    return tuple(dict.fromkeys(method.config_class for method in METHODS))

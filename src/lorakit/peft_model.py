@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lorakit.config import LoraConfig, PeftConfig, PeftType, load_config
+from lorakit.config import LoraConfig, PeftConfig, load_config
+from lorakit.methods import method_for_type
 from lorakit.model_card import base_model_name
 from lorakit.saving import (
     PICKLE_REFUSED,
@@ -28,16 +29,9 @@ from lorakit.saving import (
     save_adapters,
 )
 from lorakit.serialization import load_into_model
-from lorakit.tuner import LoraModel, restored_on_failure
+from lorakit.tuner import restored_on_failure
 
-__all__ = ["PeftModel", "get_peft_model", "register_tuner", "resolve_adapter_dir"]
-
-# Tuner class per method; AdaLoRA and the bottleneck Adapter register theirs (see lorakit.config).
-TUNERS: dict[PeftType, type[nn.Module]] = {PeftType.LORA: LoraModel}
-
-
-def register_tuner(peft_type: PeftType, tuner_cls: type[nn.Module]) -> None:
-    TUNERS[peft_type] = tuner_cls
+__all__ = ["PeftModel", "get_peft_model", "resolve_adapter_dir"]
 
 
 class PeftModel(nn.Module):
@@ -65,9 +59,7 @@ class PeftModel(nn.Module):
             )
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = base_model_name(model)
-        tuner_cls = TUNERS.get(peft_config.peft_type)
-        if tuner_cls is None:
-            raise ValueError(f"No tuner registered for {peft_config.peft_type}.")
+        tuner_cls = method_for_type(peft_config.peft_type).tuner_class
         self.base_model = tuner_cls(model, peft_config, adapter_name)
         self.base_model._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self.forward = types.MethodType(_forward_with_signature_of(model), self)

@@ -13,11 +13,6 @@ from lorakit.bottleneck.config import AdapterConfig, BottleneckConfig
 from lorakit.bottleneck.layers import BottleneckLayer
 from lorakit.bottleneck.train_method import build_adapter_config
 from lorakit.bottleneck.tuner import HOULSBY_TARGETS, AdapterMergeError, BottleneckModel, default_targets
-from lorakit.config import PeftType, register_config_class
-from lorakit.peft_model import register_tuner
-
-register_config_class(AdapterConfig)
-register_tuner(PeftType.ADAPTER, BottleneckModel)
 
 __all__ = [
     "build_adapter_config",

@@ -1,4 +1,4 @@
-"""``method: adapter`` for the lorakit trainer (listed in ``lorakit.train.adapters.ADAPTER_METHODS``)."""
+"""``method: adapter`` for the lorakit trainer (its row in ``lorakit.methods.METHODS``)."""
 
 from __future__ import annotations
 

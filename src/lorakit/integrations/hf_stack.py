@@ -51,9 +51,9 @@ def is_lorakit_model(model) -> bool:
 
 
 def _is_lorakit_config(config) -> bool:
-    from lorakit.config import registered_config_classes
+    from lorakit.config import config_classes
 
-    return isinstance(config, tuple(registered_config_classes()))
+    return isinstance(config, tuple(config_classes()))
 
 
 def _also_lorakit_model(original):
@@ -98,10 +98,10 @@ def _replacement_for(value, class_rebind: bool):
     if key == _GET_PEFT_MODEL:
         return _dispatching_get_peft_model(value)
     if key in _PEFT_CLASSES and isinstance(value, type) and class_rebind:
-        from lorakit.config import registered_config_classes
+        from lorakit.config import config_classes
         from lorakit.peft_model import PeftModel
 
-        ours = (PeftModel,) if key[1] == "PeftModel" else tuple(registered_config_classes())
+        ours = (PeftModel,) if key[1] == "PeftModel" else tuple(config_classes())
         return (value, *ours)
     return None
 

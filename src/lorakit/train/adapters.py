@@ -1,61 +1,32 @@
-"""The one place that turns ``TrainConfig.method`` into a PEFT-style adapter config.
+"""The trainer's side of the method table: ``TrainConfig.method`` to an adapter config, and the method's hooks.
 
-Each method has a builder ``(config, target_modules, total_steps) -> adapter config`` listed in
-:data:`ADAPTER_METHODS`; :func:`attach_adapter` calls ``lorakit.get_peft_model`` with its result.
-``adalora`` needs ``total_steps`` for its rank budget schedule; its builder and the bottleneck ``adapter``'s
-live in their own packages.
+:func:`build_adapter_config` calls the method's builder from :data:`lorakit.methods.METHODS`;
+:func:`attach_adapter` wraps the model with ``lorakit.get_peft_model``. The loop calls the hooks of the model's
+method through the four functions at the end (AdaLoRA's; they do nothing for the other methods).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorakit import LoraConfig, TaskType, get_peft_model
-from lorakit.adalora.train_method import build_adalora_config
-from lorakit.bottleneck.train_method import build_adapter_config as build_bottleneck_config
+from lorakit import get_peft_model
+from lorakit.methods import hooks_of, method_named
 from lorakit.train.config import ConfigError, TrainConfig
-
-AdapterBuilder = Callable[[TrainConfig, Any, int], Any]
-
-
-def _lora_config(config: TrainConfig, target_modules: Any, total_steps: int) -> LoraConfig:
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=target_modules,
-        modules_to_save=config.modules_to_save,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora or config.method == "dora",
-    )
-
-
-# method name -> builder ``(config, target_modules, total_steps) -> adapter config``; add new methods here.
-ADAPTER_METHODS: dict[str, AdapterBuilder] = {
-    "lora": _lora_config,
-    "dora": _lora_config,
-    "adalora": build_adalora_config,
-    "adapter": build_bottleneck_config,
-}
 
 
 def build_adapter_config(config: TrainConfig, total_steps: int) -> Any:
     """The PEFT-style config for ``config.method`` (target_modules empty = 'all-linear')."""
-    builder = ADAPTER_METHODS.get(config.method)
-    if builder is None:
-        available = ", ".join(sorted(ADAPTER_METHODS))
-        raise ConfigError(
-            f"method '{config.method}' is not available in this lorakit build; use one of {available}."
-        )
+    try:
+        method = method_named(config.method)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     target_modules = config.target_modules or "all-linear"
     if isinstance(target_modules, list) and target_modules == ["all-linear"]:
         target_modules = "all-linear"
-    return builder(config, target_modules, total_steps)
+    return method.build_config(config, target_modules, total_steps)
 
 
 def attach_adapter(model: nn.Module, config: TrainConfig, total_steps: int) -> nn.Module:
@@ -68,37 +39,20 @@ def attach_adapter(model: nn.Module, config: TrainConfig, total_steps: int) -> n
         raise ConfigError(f"Could not add the adapter: {error}") from None
 
 
-# ------------------------------------------------------------------------------------- per-method hooks
-# Methods whose tuner exposes these (AdaLoRA) get them called by the loop; for LoRA they do nothing.
-
-
-def _tuner(model: nn.Module) -> Any:
-    return getattr(model, "base_model", None)
-
-
 def regularization_loss(model: nn.Module) -> torch.Tensor | None:
-    """AdaLoRA's ``orth_reg_weight * R(P, Q)`` (Zhang et al. 2023, eq. 4); None for other methods."""
-    tuner = _tuner(model)
-    if not hasattr(tuner, "orthogonal_regularization"):
-        return None
-    weight = tuner.peft_config[tuner.trainable_adapter_name].orth_reg_weight
-    return weight * tuner.orthogonal_regularization() if weight > 0 else None
+    """The method's extra loss term for this optimizer step (AdaLoRA's orthogonality regularizer), or None."""
+    return hooks_of(model).regularization_loss(model)
 
 
 def after_optimizer_step(model: nn.Module, step: int) -> None:
-    """AdaLoRA's importance update and rank allocation (needs the gradients: call before zero_grad)."""
-    tuner = _tuner(model)
-    if hasattr(tuner, "update_and_allocate"):
-        tuner.update_and_allocate(step)
+    """The method's work after ``optimizer.step()`` (AdaLoRA: importance update and rank allocation)."""
+    hooks_of(model).after_optimizer_step(model, step)
 
 
 def method_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Extra training state of the method (AdaLoRA: importance EMAs and rank pattern) as tensors."""
-    tuner = _tuner(model)
-    return tuner.allocator_state_dict() if hasattr(tuner, "allocator_state_dict") else {}
+    return hooks_of(model).state(model)
 
 
 def load_method_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    tuner = _tuner(model)
-    if tensors and hasattr(tuner, "load_allocator_state_dict"):
-        tuner.load_allocator_state_dict(tensors)
+    hooks_of(model).load_state(model, tensors)

@@ -26,7 +26,7 @@ import yaml
 
 from lorakit.train.trackers import resolve_report_to
 
-METHODS = ("lora", "dora", "adalora", "adapter")
+METHODS = ("lora", "dora", "adalora", "adapter")  # the rows of lorakit.methods.METHODS (a test checks)
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATASET_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "text")
@@ -100,6 +100,12 @@ class TrainConfig:
     modules_to_save: list[str] | None = _help("Extra modules trained fully and saved with the adapter.", None)
     use_rslora: bool = _help("rsLoRA scaling alpha/sqrt(r) (Kalajdzievski 2023).", False)
     use_dora: bool = _help("DoRA weight decomposition (Liu et al. 2024); same as method: dora.", False)
+    init_lora_weights: str = _help(
+        "Adapter init (LoRA/DoRA): true (A kaiming, B zero) | gaussian | pissa | pissa_niter_K | olora | loftq "
+        "(LoftQ quantizes the adapted layers to 4-bit jointly with A and B; see docs/methods.md).",
+        "true",
+    )
+    loftq_iter: int = _help("LoftQ alternating steps (with init_lora_weights: loftq).", 1)
     # -- optimisation
     learning_rate: float = _help("Peak AdamW learning rate.", 1e-3)
     loraplus_lr_ratio: float | None = _help("LoRA+ ratio lr_B/lr_A (Hayou et al. 2024); empty = off.", None)
@@ -267,7 +273,9 @@ def _finite(key: str, value: float) -> float:
     if not math.isfinite(value):
         raise ConfigError(f"'{key}' must be a finite number, got {value}.")
     if abs(value) > FLOAT32_MAX:  # training runs in float32 (or less): such a value overflows to inf there
-        raise ConfigError(f"'{key}' = {value} is beyond float32's range (about 3.4e38); training would overflow.")
+        raise ConfigError(
+            f"'{key}' = {value} is beyond float32's range (about 3.4e38); training would overflow."
+        )
     return value
 
 
@@ -399,9 +407,28 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"'save_total_limit' must be >= 1, got {config.save_total_limit}.")
     if config.logging_steps < 1:
         raise ConfigError(f"'logging_steps' must be >= 1, got {config.logging_steps}.")
+    _validate_init(config)
     if config.loraplus_lr_ratio is not None and config.loraplus_lr_ratio <= 0:
         raise ConfigError(f"'loraplus_lr_ratio' must be > 0, got {config.loraplus_lr_ratio}.")
     _validate_run_options(config)
+
+
+def _validate_init(config: TrainConfig) -> None:
+    """``init_lora_weights`` spelled as PEFT's values (``true``/``false`` as words); LoRA and DoRA only."""
+    from lorakit.initializers import parse_init
+
+    value = str(config.init_lora_weights).strip()
+    config.init_lora_weights = value.lower() if value.lower() in ("true", "false") else value
+    try:
+        parse_init({"true": True, "false": False}.get(config.init_lora_weights, config.init_lora_weights))
+    except ValueError as error:
+        raise ConfigError(f"'init_lora_weights': {error}") from None
+    if config.init_lora_weights != "true" and config.method not in ("lora", "dora"):
+        raise ConfigError(
+            f"'init_lora_weights: {config.init_lora_weights}' applies to method lora or dora, not {config.method}."
+        )
+    if config.loftq_iter < 1:
+        raise ConfigError(f"'loftq_iter' must be >= 1, got {config.loftq_iter}.")
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:

@@ -222,12 +222,20 @@ def _show_data(part: Mapping[str, Any]) -> str:
     )
 
 
+def _field_defaults() -> dict[str, Any]:
+    from lorakit.train.config import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def compare(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[Difference]:
     """Every difference between two fingerprints: config fields, data, base model, processes."""
     differences = []
     old_config, new_config = saved.get("config", {}), current["config"]
     for key in [*new_config, *(k for k in old_config if k not in new_config)]:
         old, new = old_config.get(key, "(not recorded)"), new_config.get(key, "(not recorded)")
+        if key not in old_config and new == _field_defaults().get(key, "(no default)"):
+            continue  # a field added after that checkpoint was written, at its default: the run is the same
         if old != new:
             differences.append(Difference(key, _show(old), _show(new), key in SAFE_FIELDS))
     for split in ("train", "eval"):
