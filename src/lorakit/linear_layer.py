@@ -86,14 +86,14 @@ class Linear(LoraLayer):
         if is_quantized_linear(base):
             base.load_quantized(quantized)
             return
-        dtype = base.weight.dtype
+        dtype = base.weight.dtype if base.weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
         layer = Linear4bit(
-            self.in_features, self.out_features, bias=base.bias is not None, compute_dtype=dtype
+            self.in_features, self.out_features, bias=False, compute_dtype=dtype, device="meta"
         )
-        layer.load_quantized(quantized)
+        layer.load_quantized(quantized)  # the buffers of ``quantized``, on the base weight's device
         if base.bias is not None:
-            layer.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-        self.base_layer = layer.to(base.weight.device)
+            layer.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.base_layer = layer
         self.fan_in_fan_out = False  # a GPT-2 Conv1D base is now a (out, in) 4-bit Linear
 
     def delta_weight(self, name):

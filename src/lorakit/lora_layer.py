@@ -221,17 +221,9 @@ class LoraLayer(BaseTunerLayer):
                 weight = self.merged_weight(name, weight)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError("Merging gives NaN or inf weights; the adapter is broken.")
-        linear = nn.Linear(
-            base.in_features,
-            base.out_features,
-            bias=base.bias is not None,
-            dtype=weight.dtype,
-            device=weight.device,
-        )
+        linear = base.to_linear(weight.dtype)  # the base layer's shape and bias, then the merged weight
         with torch.no_grad():
             linear.weight.copy_(weight)
-            if base.bias is not None:
-                linear.bias.copy_(base.bias.to(weight.dtype))
         return linear
 
     # --------------------------------------------------------------------------------------------- forward

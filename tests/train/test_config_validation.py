@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from lorakit.cli import main
-from lorakit.train.config import ConfigError, TrainConfig, check_against_model, config_from_dict, load_config
+from lorakit.train.config import ConfigError, TrainConfig, config_from_dict, load_config
+from lorakit.train.config_checks import check_against_model
 
 
 # ------------------------------------------------------------------------------------------------- numbers

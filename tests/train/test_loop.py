@@ -185,6 +185,27 @@ def test_qlora_and_packing_runs(tiny_run_inputs, tmp_path) -> None:
     )
 
 
+def test_qlora_with_loftq_init_trains_and_reloads(tiny_run_inputs, tmp_path) -> None:
+    """init_lora_weights: loftq with load_in_4bit: the adapted layers become LoftQ's 4-bit layers, the run
+    trains, and the saved adapter reloads (LoftQ re-runs on the full-precision base) to the same function."""
+    from lorakit.quant import quantized_layers
+    from lorakit.train.inference import load_for_inference
+
+    flags = dict(max_steps=3, load_in_4bit=True, compute_dtype="fp32", init_lora_weights="loftq", loftq_iter=2)
+    result = _train(tiny_run_inputs, tmp_path / "q", **flags)
+    assert result.summary["eval_loss_end"] < result.summary["eval_loss_start"]
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2}
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    logits = []
+    for _ in range(2):
+        model, _ = load_for_inference(str(tiny_run_inputs["model"]), str(result.adapter_dir), load_in_4bit=True)
+        assert any(".base_layer" in name for name in quantized_layers(model))  # LoftQ's 4-bit bases
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+
+
 def test_bad_data_stops_before_training(tiny_run_inputs, tmp_path) -> None:
     from lorakit.data import DatasetError
 

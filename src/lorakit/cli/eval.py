@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.data import DatasetError, load_records, sample_dataset, tokenize_records
     from lorakit.models import ModelLoadError
-    from lorakit.train.config import check_max_seq_length, model_positions
+    from lorakit.train.config_checks import check_max_seq_length, model_positions
     from lorakit.train.divergence import describe_non_finite
     from lorakit.train.evaluation import loss_sum_and_tokens
     from lorakit.train.inference import load_for_inference

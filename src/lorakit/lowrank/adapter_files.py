@@ -24,7 +24,6 @@ base weight is stored, not the update's singular values or directions):
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorakit.config import CONFIG_NAME, read_config_json
+from lorakit.config import CONFIG_NAME, lora_scaling, read_config_json
 from lorakit.serialization import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter_weights
 
 _PREFIX = "base_model.model."
-# The low-rank factors of the LoRA family (LoRA, DoRA, AdaLoRA) as they appear in saved keys; a subset of
-# lorakit.layers.ADAPTER_ATTRIBUTES, which also names other methods' parts (the bottleneck Adapter's).
+# The low-rank factors of the LoRA family (LoRA, DoRA, AdaLoRA) as they appear in saved keys: the
+# ``factor_names`` of lorakit's LoRA layers (linear_layer, embedding_layer, adalora) and DoRA's magnitude.
 LOW_RANK_FACTOR_PARTS = (
     "lora_A",
     "lora_B",
@@ -201,7 +200,7 @@ def _lora_layer(name: str, parts: dict[str, np.ndarray], config: dict) -> LayerU
         pattern_value(config.get("alpha_pattern"), module_name, config.get("lora_alpha", _DEFAULT_ALPHA))
     )
     use_rslora = bool(config.get("use_rslora", False))
-    scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    scaling = lora_scaling(alpha, rank, use_rslora)
     if "lora_magnitude_vector" in parts:
         notes.append("DoRA: delta is the LoRA part scaling*B@A; the magnitude vector is not included")
     return LayerUpdate(name, kind, left, right, scaling, rank, alpha, notes)

@@ -13,12 +13,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from lorakit.layer_kinds import is_gpt2_conv1d
 from lorakit.quant.linear4bit import Linear4bit
-
-try:  # GPT-2 style layer storing its weight (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep the quant layer standalone
-    Conv1D = None
 
 __all__ = ["dequantize_model", "quantize_model", "quantized_layers", "resolve_compute_dtype"]
 
@@ -64,11 +60,11 @@ def _quantizable(module: nn.Module) -> bool:
     # nn.MultiheadAttention reads its out_proj.weight directly instead of calling it: leave that one alone.
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return False
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+    return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
 
 
 def _to_4bit(module: nn.Module, compute_dtype: torch.dtype, blocksize: int) -> Linear4bit:
-    if Conv1D is not None and isinstance(module, Conv1D):  # y = x W + b with W (in, out)
+    if is_gpt2_conv1d(module):  # y = x W + b with W (in, out)
         return Linear4bit.from_weight(
             module.weight.T, module.bias, compute_dtype=compute_dtype, blocksize=blocksize
         )

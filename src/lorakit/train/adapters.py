@@ -15,6 +15,7 @@ from torch import nn
 from lorakit import get_peft_model
 from lorakit.methods import hooks_of, method_named
 from lorakit.train.config import ConfigError, TrainConfig
+from lorakit.train.setup import DTYPES, quantize_outside_targets, set_quantized_compute_dtype
 
 
 def build_adapter_config(config: TrainConfig, total_steps: int) -> Any:
@@ -30,13 +31,25 @@ def build_adapter_config(config: TrainConfig, total_steps: int) -> Any:
 
 
 def attach_adapter(model: nn.Module, config: TrainConfig, total_steps: int) -> nn.Module:
-    """Freeze ``model`` and wrap it with the adapter described by ``config``."""
+    """Freeze ``model`` and wrap it with the adapter described by ``config``.
+
+    With ``init_lora_weights: loftq`` the adapted layers become 4-bit (LoftQ) and, with ``load_in_4bit``, every
+    other Linear but the head is quantized to plain NF4 first (the model was loaded in full precision).
+    """
+    loftq = config.init_lora_weights == "loftq"
+    compute_dtype = DTYPES[config.compute_dtype]
     try:
-        return get_peft_model(model, build_adapter_config(config, total_steps))
+        adapter_config = build_adapter_config(config, total_steps)
+        if loftq and config.load_in_4bit:
+            quantize_outside_targets(model, adapter_config, compute_dtype)
+        model = get_peft_model(model, adapter_config)
     except ValueError as error:
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(f"Could not add the adapter: {error}") from None
+    if loftq:
+        set_quantized_compute_dtype(model, compute_dtype)
+    return model
 
 
 def regularization_loss(model: nn.Module) -> torch.Tensor | None:

@@ -49,8 +49,18 @@ def load_for_inference(
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    network = load_model(base, dtype=DTYPES[dtype], load_in_4bit=load_in_4bit, device=target)
+    loftq = (
+        adapter is not None
+        and read_config_json(Path(adapter) / "adapter_config.json").get("init_lora_weights") == "loftq"
+    )
+    # a LoftQ adapter quantizes its layers itself, from the full-precision base (as when it was trained)
+    network = load_model(base, dtype=DTYPES[dtype], load_in_4bit=load_in_4bit and not loftq, device=target)
     network.to(target)
+    if loftq and load_in_4bit:
+        from lorakit.config import PeftConfig
+        from lorakit.train.setup import quantize_outside_targets
+
+        quantize_outside_targets(network, PeftConfig.from_pretrained(adapter), torch.bfloat16)
     if adapter:
         network = PeftModel.from_pretrained(network, adapter)
         network.to(target)

@@ -6,6 +6,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from torch import nn
 from lorakit.models import load_model, load_tokenizer
 from lorakit.optim import create_adamw, create_loraplus_optimizer
 from lorakit.train.batching import steps_per_epoch
-from lorakit.train.config import TrainConfig, check_against_model
+from lorakit.train.config import TrainConfig
+from lorakit.train.config_checks import check_against_model
 from lorakit.train.schedule import resolve_warmup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +66,8 @@ def load_base(config: TrainConfig, device: torch.device) -> tuple[nn.Module, obj
     model = load_model(
         config.model,
         dtype=torch.float32,
-        load_in_4bit=config.load_in_4bit,
+        # LoftQ quantizes the layers it adapts itself, from their full-precision weights (attach_adapter)
+        load_in_4bit=config.load_in_4bit and config.init_lora_weights != "loftq",
         compute_dtype=DTYPES[config.compute_dtype],
         device=device,
     )
@@ -75,6 +78,24 @@ def load_base(config: TrainConfig, device: torch.device) -> tuple[nn.Module, obj
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def quantize_outside_targets(model: nn.Module, adapter_config: Any, compute_dtype: torch.dtype) -> None:
+    """QLoRA with LoftQ: quantize every Linear to 4-bit NF4 except the output head and the adapter's targets,
+    which LoftQ quantizes itself, jointly with their A and B, when the adapter is added."""
+    from lorakit.inject import find_targets
+    from lorakit.quant import quantize_model
+
+    targets = find_targets(model, adapter_config)
+    quantize_model(model, compute_dtype=compute_dtype, skip_modules=["lm_head", *targets])
+
+
+def set_quantized_compute_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """The compute dtype of every 4-bit layer (LoftQ makes its layers in the base weights' dtype)."""
+    from lorakit.quant import quantized_layers
+
+    for layer in quantized_layers(model).values():
+        layer.compute_dtype = compute_dtype
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, list[float]]:
