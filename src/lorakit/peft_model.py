@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.config import LoraConfig, PeftConfig, load_config
+from lorakit.init_conversion import save_converted
 from lorakit.methods import method_for_type
 from lorakit.model_card import base_model_name
 from lorakit.saving import (
@@ -194,15 +195,24 @@ class PeftModel(nn.Module):
         ``state_dict`` (a keyword, as transformers' Trainer passes it): take the adapter tensors from this full
         state dict of the model (possibly gathered from a DDP / FSDP / DeepSpeed wrapper, whose key infixes are
         understood) instead of from the live modules. ``save_embedding_layers=True`` also saves the input and
-        output embeddings in full. Other keyword arguments (PEFT's Hub options) are ignored.
+        output embeddings in full. ``path_initial_model_for_weight_conversion``: the folder of a PiSSA / OLoRA
+        adapter saved before training; the adapters are then saved as plain LoRA adapters of twice the rank over
+        the original base weights (:mod:`lorakit.init_conversion`). Other keyword arguments (PEFT's Hub options)
+        are ignored.
         """
         if not safe_serialization:
             raise ValueError(PICKLE_REFUSED)
         if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError(
-                "path_initial_model_for_weight_conversion converts PiSSA / CorDA / OLoRA adapters to plain LoRA; "
-                "lorakit has none of those initialisations, so its adapters are plain LoRA already."
+            save_converted(
+                self,
+                save_directory,
+                path_initial_model_for_weight_conversion,
+                selected_adapters,
+                save_embedding_layers,
+                is_main_process,
+                state_dict=kwargs.get("state_dict"),
             )
+            return
         save_adapters(
             self,
             save_directory,
