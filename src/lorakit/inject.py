@@ -30,6 +30,7 @@ from lorakit.module_names import (
     output_head_names,
     pattern_value,
 )
+from lorakit import variants
 from lorakit.modules_to_save import ModulesToSaveWrapper, inject_modules_to_save, save_wrappers
 from lorakit.tuner_layer import BaseTunerLayer
 
@@ -60,6 +61,8 @@ def _lora_unsupported(name: str, module: nn.Module, model: nn.Module) -> str:
 
 
 def _add_lora(layer: LoraLayer, adapter_name: str, name: str, config) -> None:
+    # every variant's config flag (use_dora, ...) goes to the layer, which picks the variant (lorakit.variants)
+    flags = {spec.config_flag: bool(getattr(config, spec.config_flag, False)) for spec in variants.VARIANTS}
     layer.update_layer(
         adapter_name,
         pattern_value(name, config.rank_pattern, config.r),
@@ -67,8 +70,8 @@ def _add_lora(layer: LoraLayer, adapter_name: str, name: str, config) -> None:
         config.lora_dropout,
         config.init_lora_weights,
         use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
         loftq_config=getattr(config, "loftq_config", None),
+        **flags,
     )
 
 

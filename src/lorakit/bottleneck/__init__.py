@@ -4,8 +4,8 @@
 ``AdapterConfig`` (also importable as ``BottleneckConfig``) and the saved ``peft_type`` stays
 ``"BOTTLENECK_ADAPTER"``, so existing code and adapter folders keep working.
 
-Importing this package registers ``AdapterConfig`` with :func:`lorakit.config.load_config` and its tuner with
-:func:`lorakit.peft_model.get_peft_model`. Adapters save and load in lorakit's own format (PEFT has no such
+Its row in :data:`lorakit.methods.METHODS` (``method: adapter`` in the trainer) makes ``get_peft_model`` and
+``PeftModel.from_pretrained`` handle it. Adapters save and load in lorakit's own format (PEFT has no such
 method) and cannot be merged (:class:`AdapterMergeError`).
 """
 

@@ -3,7 +3,8 @@ own format.
 
 PEFT has no bottleneck Adapter, so the folder layout is PEFT's (``adapter_config.json`` +
 ``adapter_model.safetensors``) but the ``peft_type`` is lorakit's own ``"BOTTLENECK_ADAPTER"``; PEFT refuses such a
-folder, and lorakit reads it with :func:`lorakit.config.load_config`.
+folder, and lorakit reads it with :meth:`lorakit.PeftConfig.from_pretrained` (the method table maps the type to
+this class).
 """
 
 from __future__ import annotations
