@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lorakit import LoraConfig, TaskType
-from lorakit.config import load_config
+from lorakit.config import load_adapter_config
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_unknown_keys_warn_and_are_ignored(tmp_path):
     data = LoraConfig(target_modules=["q_proj"]).to_dict() | {"some_future_option": 3}
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="some_future_option"):
-        config = load_config(tmp_path)
+        config = load_adapter_config(tmp_path)
     assert config.target_modules == ["q_proj"]
 
 
@@ -61,12 +61,12 @@ def test_peft_feature_lorakit_lacks_is_refused_not_ignored(tmp_path):
     data = LoraConfig(target_modules=["q_proj"]).to_dict() | {"lora_bias": True}
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="lora_bias"):
-        load_config(tmp_path)
+        load_adapter_config(tmp_path)
 
 
 def test_corrupt_or_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="No adapter_config.json"):
-        load_config(tmp_path)
+        load_adapter_config(tmp_path)
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        load_config(tmp_path)
+        load_adapter_config(tmp_path)

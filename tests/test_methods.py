@@ -44,7 +44,9 @@ def test_hooks_are_no_ops_except_adalora():
     assert hooks.regularization_loss(model) is None and hooks.state(model) == {}
     ada = lorakit.get_peft_model(
         tiny_llama(),
-        lorakit.AdaLoraConfig(target_modules=["q_proj"], init_r=4, target_r=2, total_step=10, orth_reg_weight=0.5),
+        lorakit.AdaLoraConfig(
+            target_modules=["q_proj"], init_r=4, target_r=2, total_step=10, orth_reg_weight=0.5
+        ),
     )
     loss = hooks_of(ada).regularization_loss(ada)
     assert torch.allclose(loss, 0.5 * ada.base_model.orthogonal_regularization())

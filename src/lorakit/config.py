@@ -166,7 +166,7 @@ class PeftConfig:
         """
         path = config_file_path(directory, subfolder, **hub_kwargs)
         if cls is PeftConfig:
-            return load_config(path.parent)
+            return load_adapter_config(path.parent)
         return cls.from_dict(read_config_json(path))
 
     @classmethod
@@ -370,7 +370,7 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def load_config(directory: str | os.PathLike) -> LoraConfig:
+def load_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     """Read an adapter folder's config, choosing the config class from its ``peft_type``."""
     path = Path(directory) / CONFIG_NAME
     peft_type = LoraConfig.peft_type_name()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.config import CONFIG_NAME, LoraConfig, PeftType, load_config, read_config_json
+from lorakit.config import CONFIG_NAME, LoraConfig, PeftType, load_adapter_config, read_config_json
 from lorakit.initializers import parse_init
 from lorakit.saving import save_adapters
 from lorakit.serialization import WEIGHTS_NAME, load_adapter_weights, save_adapter_weights
@@ -146,7 +146,7 @@ def _load_initial(path: str | os.PathLike, configs: dict, names: list[str]) -> d
             "and pass that folder."
         )
     try:
-        initial = load_config(directory)
+        initial = load_adapter_config(directory)
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot read the initial adapter's config in {directory}: {error}") from None
     init = initial.init_lora_weights

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from lorakit import variants
 from lorakit.layer_kinds import is_linear_like
 from lorakit.layers import UNSUPPORTED_HELP, is_supported, make_lora_layer
 from lorakit.lora_layer import LoraLayer
@@ -30,7 +31,6 @@ from lorakit.module_names import (
     output_head_names,
     pattern_value,
 )
-from lorakit import variants
 from lorakit.modules_to_save import ModulesToSaveWrapper, inject_modules_to_save, save_wrappers
 from lorakit.tuner_layer import BaseTunerLayer
 

@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lorakit.config import LoraConfig, PeftConfig, load_config
+from lorakit.config import LoraConfig, PeftConfig, load_adapter_config
 from lorakit.init_conversion import save_converted
+from lorakit.layer_kinds import is_quantized_linear
 from lorakit.methods import method_for_type
 from lorakit.model_card import base_model_name
 from lorakit.saving import (
@@ -121,7 +122,7 @@ class PeftModel(nn.Module):
             if param.requires_grad:
                 trainable += param.numel()
         for module in self.modules():
-            if hasattr(module, "dequantize") and hasattr(module, "in_features"):
+            if is_quantized_linear(module):
                 total += module.in_features * module.out_features
         return trainable, total
 
@@ -251,7 +252,7 @@ class PeftModel(nn.Module):
         directory = resolve_adapter_dir(model_id, **kwargs)
         if config is not None and not isinstance(config, PeftConfig):
             raise ValueError(f"The input config must be a PeftConfig, got {type(config).__name__}.")
-        config = config if config is not None else load_config(directory)
+        config = config if config is not None else load_adapter_config(directory)
         config.inference_mode = not is_trainable
         if key_mapping is None:
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
@@ -290,7 +291,7 @@ class PeftModel(nn.Module):
         directory = resolve_adapter_dir(model_id, **kwargs)
         is_new = adapter_name not in self.peft_config
         if is_new:
-            config = load_config(directory)
+            config = load_adapter_config(directory)
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             if is_trainable:

@@ -11,7 +11,7 @@ from torch import nn
 
 import lorakit
 from lorakit.adalora import AdaLoraConfig, AdaLoraModel, SVDLinear, adalora_config_for_run
-from lorakit.config import load_config
+from lorakit.config import load_adapter_config
 from tests.adalora.helpers import LLAMA_KWARGS, logits, train
 from tests.conftest import tiny_llama
 
@@ -166,7 +166,7 @@ def test_config_validation(overrides, message):
 def test_config_json_round_trip(tmp_path):
     config = AdaLoraConfig(**LLAMA_KWARGS, rank_pattern={"a.lora_E": [True] * 5 + [False]})
     config.save_pretrained(tmp_path)
-    loaded = load_config(tmp_path)
+    loaded = load_adapter_config(tmp_path)
     assert isinstance(loaded, AdaLoraConfig) and loaded.to_dict() == config.to_dict()
 
 

@@ -18,7 +18,7 @@ from lorakit.bottleneck import (
     BottleneckLayer,
     BottleneckModel,
 )
-from lorakit.config import load_config
+from lorakit.config import load_adapter_config
 from tests.conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 TARGETS = ["o_proj", "down_proj"]
@@ -95,7 +95,7 @@ def test_trains_saves_and_loads_in_its_own_format(tmp_path, input_ids):
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.o_proj.adapter_down.weight" in keys
     assert len(keys) == 4 * 4 and not any("default" in k or "base_layer" in k for k in keys)
-    assert isinstance(load_config(tmp_path), AdapterConfig)
+    assert isinstance(load_adapter_config(tmp_path), AdapterConfig)
     loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     torch.testing.assert_close(_logits(loaded, input_ids), _logits(model, input_ids), atol=1e-6, rtol=0)
     assert not any(p.requires_grad for p in loaded.parameters())

@@ -191,15 +191,22 @@ def test_qlora_with_loftq_init_trains_and_reloads(tiny_run_inputs, tmp_path) -> 
     from lorakit.quant import quantized_layers
     from lorakit.train.inference import load_for_inference
 
-    flags = dict(max_steps=3, load_in_4bit=True, compute_dtype="fp32", init_lora_weights="loftq", loftq_iter=2)
+    flags = dict(
+        max_steps=3, load_in_4bit=True, compute_dtype="fp32", init_lora_weights="loftq", loftq_iter=2
+    )
     result = _train(tiny_run_inputs, tmp_path / "q", **flags)
     assert result.summary["eval_loss_end"] < result.summary["eval_loss_start"]
     saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-    assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2}
+    assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {
+        "loftq_bits": 4,
+        "loftq_iter": 2,
+    }
     ids = torch.tensor([[1, 5, 9, 12, 3]])
     logits = []
     for _ in range(2):
-        model, _ = load_for_inference(str(tiny_run_inputs["model"]), str(result.adapter_dir), load_in_4bit=True)
+        model, _ = load_for_inference(
+            str(tiny_run_inputs["model"]), str(result.adapter_dir), load_in_4bit=True
+        )
         assert any(".base_layer" in name for name in quantized_layers(model))  # LoftQ's 4-bit bases
         with torch.no_grad():
             logits.append(model(ids).logits)
