@@ -263,3 +263,21 @@ def test_cpu_allocator_policy_follows_the_config(
     _train(tiny_run_inputs, tmp_path / "run", max_steps=1, eval_steps=0, cpu_keep_freed_memory=keep)
     assert calls == (["keep", "restore"] if keep else [])  # set for the run, undone after it
     assert ("freed memory is kept" in capsys.readouterr().out) == keep
+
+
+def test_pissa_niter_run_reloads_to_the_same_model_whatever_the_global_seed(tiny_run_inputs, tmp_path) -> None:
+    """pissa_niter_K draws a randomized SVD; reloading re-runs it, so the trainer and the inference commands run
+    it from one fixed generator state: two loads after different seeds give the same model, and the caller's
+    generator is left as it was."""
+    from lorakit.train.inference import load_for_inference
+
+    result = _train(tiny_run_inputs, tmp_path / "p", max_steps=2, init_lora_weights="pissa_niter_2")
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    logits = []
+    for seed in (0, 1234):
+        torch.manual_seed(seed)
+        model, _ = load_for_inference(str(tiny_run_inputs["model"]), str(result.adapter_dir))
+        assert torch.equal(torch.random.get_rng_state(), torch.manual_seed(seed).get_state())
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)

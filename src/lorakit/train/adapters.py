@@ -15,7 +15,12 @@ from torch import nn
 from lorakit import get_peft_model
 from lorakit.methods import hooks_of, method_named
 from lorakit.train.config import ConfigError, TrainConfig
-from lorakit.train.setup import DTYPES, quantize_outside_targets, set_quantized_compute_dtype
+from lorakit.train.setup import (
+    DTYPES,
+    quantize_outside_targets,
+    reproducible_init,
+    set_quantized_compute_dtype,
+)
 
 
 def build_adapter_config(config: TrainConfig, total_steps: int) -> Any:
@@ -42,7 +47,8 @@ def attach_adapter(model: nn.Module, config: TrainConfig, total_steps: int) -> n
         adapter_config = build_adapter_config(config, total_steps)
         if loftq and config.load_in_4bit:
             quantize_outside_targets(model, adapter_config, compute_dtype)
-        model = get_peft_model(model, adapter_config)
+        with reproducible_init(config.init_lora_weights):
+            model = get_peft_model(model, adapter_config)
     except ValueError as error:
         if isinstance(error, ConfigError):
             raise

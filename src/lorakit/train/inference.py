@@ -49,10 +49,10 @@ def load_for_inference(
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    loftq = (
-        adapter is not None
-        and read_config_json(Path(adapter) / "adapter_config.json").get("init_lora_weights") == "loftq"
+    init = (
+        read_config_json(Path(adapter) / "adapter_config.json").get("init_lora_weights") if adapter else None
     )
+    loftq = init == "loftq"
     # a LoftQ adapter quantizes its layers itself, from the full-precision base (as when it was trained)
     network = load_model(base, dtype=DTYPES[dtype], load_in_4bit=load_in_4bit and not loftq, device=target)
     network.to(target)
@@ -62,7 +62,10 @@ def load_for_inference(
 
         quantize_outside_targets(network, PeftConfig.from_pretrained(adapter), torch.bfloat16)
     if adapter:
-        network = PeftModel.from_pretrained(network, adapter)
+        from lorakit.train.setup import reproducible_init
+
+        with reproducible_init(init):  # the residual base of a pissa_niter_K run, as the trainer made it
+            network = PeftModel.from_pretrained(network, adapter)
         network.to(target)
     network.eval()
     return network, tokenizer

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +90,22 @@ def quantize_outside_targets(model: nn.Module, adapter_config: Any, compute_dtyp
 
     targets = find_targets(model, adapter_config)
     quantize_model(model, compute_dtype=compute_dtype, skip_modules=["lm_head", *targets])
+
+
+PISSA_NITER_SEED = 20240404  # the generator state of randomized-SVD PiSSA inits in lorakit's commands
+
+
+@contextlib.contextmanager
+def reproducible_init(init: Any) -> Iterator[None]:
+    """``pissa_niter_K`` draws its randomized SVD from the global generator, and reloading an adapter re-runs the
+    init to rebuild the residual base weights: training and the inference commands therefore run it from the
+    same fixed generator state (and leave the caller's state as it was). Other inits are untouched."""
+    if not str(init).startswith("pissa_niter_"):
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PISSA_NITER_SEED)
+        yield
 
 
 def set_quantized_compute_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
