@@ -14,6 +14,14 @@ Gradients, with ``g`` the output gradient, ``D`` the dropout mask divided by ``1
 ``dB = s g^T h``, ``dh = s g B``, ``dA = dh^T xd``, ``dx = D * (dh A)``, and ``g`` itself for ``base_out``.
 The factor ``1 / (1 - p)`` of ``D`` is applied to the small (tokens x r) ``h`` and ``dh``, so each big
 (tokens x in) tensor is multiplied by the mask once and never scaled.
+
+The boundary: a layer whose update is exactly this product calls :func:`lora_update_` and nothing else of
+this module -- LoRA over ``nn.Linear``, GPT-2 ``Conv1D`` and 4-bit Linear layers (:mod:`lorakit.linear_layer`),
+DoRA over them without dropout (``B`` scaled row-wise by ``m / n``, :mod:`lorakit.variants.dora`) and AdaLoRA's
+``SVDLinear`` (``A * E`` and ``B * alpha / (ranknum + 1e-5)``). Convolutions, embeddings and
+``nn.MultiheadAttention`` compute other products and do not use it. :func:`reference_lora_update` is the plain
+formula; tests/test_kernel_boundary.py checks the kernel and every one of those layers against it, outputs and
+gradients.
 """
 
 from __future__ import annotations
