@@ -15,15 +15,24 @@ W[rows]``), so the transient stays under ``chunk_elements`` weights at the cost 
 costs one table gather and one multiply per weight on every forward and backward call: QLoRA trades compute for
 memory.
 
-The quantization state lives in buffers (``weight_nf4``, ``absmax_codes``, ``absmax_scales``, ``absmax_offset``,
-``nf4_code``) so ``state_dict`` round-trips through safetensors. ``module.weight`` returns a
-:class:`QuantizedWeight` descriptor with the logical ``shape`` (out, in), ``dtype`` (the compute dtype) and
-``device``, for code that only inspects those; ``module.dequantize()`` gives the actual tensor.
+The quantization state (``weight_nf4``, ``absmax_codes``, ``absmax_scales``, ``absmax_offset``, ``nf4_code``) is
+registered on the module so ``state_dict`` round-trips through safetensors. It starts as buffers;
+:meth:`Linear4bit.to_shardable` re-registers the three 1-D, size-proportional parts (``weight_nf4``,
+``absmax_codes``, ``absmax_scales``) as frozen ``nn.Parameter`` objects under the same names, because FSDP2
+(``fully_shard``) shards parameters and replicates buffers; the fp32 scalar ``absmax_offset`` and the 16-entry
+``nf4_code`` table stay buffers (68 bytes per layer, replicated on every rank). Either way the state-dict keys,
+order and values are the same. Under FSDP the sharded parts are ``DTensor`` shards outside the enclosing FSDP
+module's forward/backward and the whole tensors inside it; decoding from shards is refused with an error.
+
+``module.weight`` returns a :class:`QuantizedWeight` descriptor with the logical ``shape`` (out, in), ``dtype``
+(the compute dtype) and ``device``, for code that only inspects those; ``module.dequantize()`` gives the actual
+tensor.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -31,11 +40,24 @@ import torch.nn.functional as F
 
 from lorakit.quant.nf4 import NF4Tensor, check_blocksize, dequantize_nf4_range, nf4_code_table, quantize_nf4
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "Linear4bit", "QuantizedWeight"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "QUANT_STATE", "SHARDABLE_STATE", "Linear4bit", "QuantizedWeight"]
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QUANT_STATE = ("weight_nf4", "absmax_codes", "absmax_scales", "absmax_offset", "nf4_code")
+"""Names of a :class:`Linear4bit`'s quantization state, in registration (and ``state_dict``) order."""
+SHARDABLE_STATE = ("weight_nf4", "absmax_codes", "absmax_scales")
+"""The 1-D parts that grow with the layer; :meth:`Linear4bit.to_shardable` makes them frozen parameters."""
 _FP32_STATE = ("absmax_scales", "absmax_offset", "nf4_code")  # kept fp32 through model.to(dtype)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 shard), without importing ``torch.distributed.tensor``.
+
+    That import costs about half a second; if the module is not loaded, no ``DTensor`` can exist.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def _row_slices(tensor: NF4Tensor, chunk_elements: int) -> list[tuple[int, int]]:
@@ -136,6 +158,7 @@ class Linear4bit(nn.Module):
     Build one with :meth:`from_linear`; the constructor makes an empty (all-zero) layer of the right shape, e.g.
     to ``load_state_dict`` into. The bias, if any, stays a (frozen) floating-point parameter.
     Inputs are cast to ``compute_dtype`` for the matmul and the output is cast back to the input's dtype.
+    For FSDP2, call :meth:`to_shardable` (or :func:`lorakit.quant.fsdp.make_shardable`) before ``fully_shard``.
     """
 
     def __init__(
@@ -221,17 +244,73 @@ class Linear4bit(nn.Module):
             raise ValueError(
                 f"NF4 tensor of shape {tuple(tensor.shape)} does not fit a layer of {tuple(expected)}."
             )
+        self._refuse_shards("load_quantized()")
         self.blocksize, self.absmax_blocksize = tensor.blocksize, tensor.absmax_blocksize
-        self.weight_nf4, self.absmax_codes = tensor.packed, tensor.absmax_codes
-        self.absmax_scales, self.absmax_offset = tensor.absmax_scales, tensor.absmax_offset
-        self.nf4_code = tensor.code
+        values = (tensor.packed, tensor.absmax_codes, tensor.absmax_scales, tensor.absmax_offset, tensor.code)
+        for name, value in zip(QUANT_STATE, values):
+            if name in self._parameters:  # made shardable: stays a frozen parameter
+                value = nn.Parameter(value, requires_grad=False)
+            setattr(self, name, value)
+
+    # ------------------------------------------------------------------------------------------ FSDP2 support
+    @property
+    def is_shardable(self) -> bool:
+        """Whether :meth:`to_shardable` has run (the 1-D state is held in frozen parameters, not buffers)."""
+        return all(name in self._parameters for name in SHARDABLE_STATE)
+
+    def to_shardable(self) -> bool:
+        """Re-register ``weight_nf4``, ``absmax_codes`` and ``absmax_scales`` as frozen ``nn.Parameter``s.
+
+        FSDP2's ``fully_shard`` shards a module's parameters and replicates its buffers; as parameters, these three
+        tensors (all but 68 bytes of the layer) are split along dim 0 across ranks, all-gathered (bytes unchanged,
+        uint8 and fp32 alike) for the enclosing FSDP module's forward and backward, and freed again after. The
+        same tensors are reused (no copy), under the same names and in the same ``state_dict`` order, so keys and
+        values do not change and checkpoints load either way. ``requires_grad`` is False (an integer tensor cannot
+        require grad; the base is frozen), so optimizers built from trainable parameters never see them and FSDP
+        reduce-scatters no gradient for them. ``absmax_offset`` (a scalar) and ``nf4_code`` (16 values) stay
+        buffers, replicated on every rank. Do not give FSDP a ``MixedPrecisionPolicy(param_dtype=...)`` for a
+        group holding these: it would cast the fp32 scales; the layer decodes to its own ``compute_dtype``.
+
+        Returns True if the layer was converted now, False if it already was. Must run before ``fully_shard``.
+        """
+        if self.is_shardable:
+            return False
+        self._refuse_shards("to_shardable()")
+        for name in SHARDABLE_STATE:
+            tensor = self._buffers.pop(name)
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        return True
+
+    def quant_state(self) -> dict[str, torch.Tensor]:
+        """Name -> tensor of the quantization state as registered (buffers, parameters or FSDP ``DTensor`` shards).
+
+        Code that counts or walks a model's parameters can use this to tell the packed 4-bit storage (which is
+        not ``in * out`` parameters) from real weights.
+        """
+        return {name: getattr(self, name) for name in QUANT_STATE}
+
+    def _refuse_shards(self, what: str) -> None:
+        sharded = [name for name in SHARDABLE_STATE if _is_dtensor(getattr(self, name))]
+        if sharded:
+            raise RuntimeError(
+                f"Linear4bit.{what} needs the whole quantization state, but {', '.join(sharded)} "
+                f"{'are' if len(sharded) > 1 else 'is'} sharded by FSDP (DTensors holding 1/world_size of each "
+                "on this rank). It is whole only "
+                "inside the forward/backward of the enclosing fully_shard module; to use it outside, call "
+                "unshard() on that FSDP module first (every rank) and reshard() after."
+            )
 
     @property
     def weight(self) -> QuantizedWeight:
         return QuantizedWeight(self)
 
     def quantized(self) -> NF4Tensor:
-        """The stored quantization state as an :class:`NF4Tensor` (views of the buffers, no copy)."""
+        """The stored quantization state as an :class:`NF4Tensor` (the registered tensors, no copy).
+
+        Raises RuntimeError while the state is sharded by FSDP (outside the FSDP module's forward), rather than
+        decoding a shard.
+        """
+        self._refuse_shards("quantized()")
         return NF4Tensor(
             self.weight_nf4,
             self.absmax_codes,
@@ -248,14 +327,20 @@ class Linear4bit(nn.Module):
         return self.quantized().dequantize(dtype or self.compute_dtype)
 
     def storage_bytes(self) -> int:
-        """Bytes of the quantized weight state (all buffers; the bias is not included)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the whole quantized weight state (the bias is not included).
+
+        The logical size, whether the state is in buffers, parameters or FSDP shards (a ``DTensor`` reports its
+        global size); for what one rank holds use :func:`lorakit.quant.fsdp.resident_weight_bytes`.
+        """
+        return sum(t.numel() * t.element_size() for t in self.quant_state().values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"Linear4bit expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}."
             )
+        if not torch.compiler.is_compiling():
+            self._refuse_shards("forward()")
         layout = (
             torch.Size((self.out_features, self.in_features)),
             self.blocksize,
@@ -295,17 +380,21 @@ class Linear4bit(nn.Module):
         """``.to(device)`` moves everything; ``.to(dtype)``/``.half()`` change the compute dtype and the bias only.
 
         The fp32 parts of the quantization state stay fp32 (rounding them to 16 bits would change the weights),
-        the uint8 codes are never cast.
+        the uint8 codes are never cast. Buffers and parameters (after :meth:`to_shardable`) alike: ``fn`` is
+        replaced by a device move for the fp32 state only, so ``nn.Module._apply`` still updates parameters in
+        place (same objects, which FSDP and optimizers hold on to).
         """
         probe32 = fn(torch.zeros((), device=self.nf4_code.device))
         probe16 = fn(torch.zeros((), dtype=torch.bfloat16, device=self.nf4_code.device))
         casts = probe32.dtype != torch.float32 or probe16.dtype != torch.bfloat16
-        exact = {name: self._buffers.pop(name) for name in _FP32_STATE}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, buffer in exact.items():
-                self._buffers[name] = buffer.to(probe32.device)
+        exact = [getattr(self, name) for name in _FP32_STATE]
+
+        def keep_fp32(tensor: torch.Tensor) -> torch.Tensor:
+            if any(tensor is state for state in exact):
+                return tensor.to(probe32.device)
+            return fn(tensor)
+
+        super()._apply(keep_fp32, recurse)
         if casts and probe32.dtype in _COMPUTE_DTYPES:
             self.compute_dtype = probe32.dtype
         return self
