@@ -117,7 +117,13 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts as its number of weights."""
         trainable, total = 0, 0
+        # the packed storage of 4-bit layers made shardable for FSDP is held as (frozen) parameters
+        storage = {
+            id(t) for m in self.modules() if hasattr(m, "quant_state") for t in m.quant_state().values()
+        }
         for param in self.parameters():
+            if id(param) in storage:
+                continue
             total += param.numel()
             if param.requires_grad:
                 trainable += param.numel()

@@ -155,7 +155,10 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable parameters back in place; names and shapes must match exactly."""
+    """Copy saved trainable parameters back in place (into the shards under FSDP); names and shapes must
+    match exactly."""
+    from lorakit.train.fsdp import copy_full_into
+
     parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(parameters) != set(tensors):
         missing = sorted(set(parameters) - set(tensors))[:3]
@@ -170,14 +173,15 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
                 raise CheckpointError(
                     f"Shape of '{name}' differs: {tuple(tensors[name].shape)} in checkpoint."
                 )
-            parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
+            copy_full_into(parameter, tensors[name])
 
 
 def optimizer_to_safetensors(
-    optimizer: torch.optim.Optimizer, names: dict[int, str]
+    optimizer: torch.optim.Optimizer, names: dict[int, str], state_dict: dict[str, Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into tensors and a JSON index keyed by parameter name."""
-    state_dict = optimizer.state_dict()
+    """Split ``optimizer.state_dict()`` (or the given, e.g. gathered, one) into tensors and a JSON index keyed by
+    parameter name."""
+    state_dict = optimizer.state_dict() if state_dict is None else state_dict
     ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, dict[str, Any]] = {}
@@ -227,7 +231,9 @@ def optimizer_from_safetensors(
         settings = {k: (tuple(v) if k in index["tuple_keys"] else v) for k, v in group.items()}
         settings["params"] = [position[name] for name in group["params"]]
         groups.append(settings)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    from lorakit.train.fsdp import shard_optimizer_state  # full tensors into the shards of sharded parameters
+
+    optimizer.load_state_dict(shard_optimizer_state(optimizer, {"state": state, "param_groups": groups}))
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -245,18 +251,31 @@ def save_checkpoint(
     rng_states: dict[str, torch.Tensor],
     keep: int,
     method_state: dict[str, torch.Tensor] | None = None,
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and keep only the newest ``keep``.
 
     ``method_state``: extra tensors of the adapter method (AdaLoRA's allocator), in ``method.safetensors``.
+    ``gathered``: (trainable parameters, optimizer state dict) as whole tensors, when the model is sharded.
     """
     final = checkpoint_dir(root, step)
     temp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    trainable = trainable_state(model)
+    trainable = trainable_state(model) if gathered is None else gathered[0]
     check_finite(trainable, final, root)
     with writing(temp, final, root):
         root.mkdir(parents=True, exist_ok=True)
-        _write_checkpoint(temp, model, optimizer, trainable, trainer_state, rng_states, step, method_state)
+        optimizer_state = None if gathered is None else gathered[1]
+        _write_checkpoint(
+            temp,
+            model,
+            (optimizer, optimizer_state),
+            trainable,
+            trainer_state,
+            rng_states,
+            step,
+            method_state,
+            sharded=gathered is not None,
+        )
         replace_folder(temp, final)  # an older run's checkpoint of the same step is replaced
     prune_checkpoints(root, keep)
     return final
@@ -265,21 +284,22 @@ def save_checkpoint(
 def _write_checkpoint(
     temp: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: tuple[torch.optim.Optimizer, dict[str, Any] | None],
     trainable: dict[str, torch.Tensor],
     trainer_state: dict[str, Any],
     rng_states: dict[str, torch.Tensor],
     step: int,
     method_state: dict[str, torch.Tensor] | None,
+    sharded: bool = False,
 ) -> None:
     """Every file of a checkpoint into ``temp`` (see the module docstring); state file last."""
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir()
     names = {id(p): n for n, p in model.named_parameters()}
-    model.save_pretrained(str(temp / "adapter"))
+    model.save_pretrained(str(temp / "adapter"), **({"state_dict": trainable} if sharded else {}))
     save_file(trainable, str(temp / "trainable.safetensors"))
-    tensors, index = optimizer_to_safetensors(optimizer, names)
+    tensors, index = optimizer_to_safetensors(optimizer[0], names, optimizer[1])
     save_file(tensors, str(temp / "optimizer.safetensors"))
     write_json(temp / "optimizer.json", index)
     save_file({k: v.contiguous() for k, v in rng_states.items()}, str(temp / "rng.safetensors"))
@@ -292,15 +312,18 @@ def _write_checkpoint(
     write_json(temp / STATE_FILE, {**trainer_state, "step": step, "files": files})
 
 
-def write_adapter(model: nn.Module, adapter_dir: Path, checkpoints: Path) -> None:
+def write_adapter(
+    model: nn.Module, adapter_dir: Path, checkpoints: Path, gathered: dict[str, torch.Tensor] | None = None
+) -> None:
     """The final adapter (``save_pretrained``) into ``adapter_dir``, replaced atomically; refused when
     non-finite, a one-line :class:`CheckpointWriteError` when the disk is full (``checkpoints``: for the
-    message, the folder whose newest checkpoint is named)."""
-    check_finite(trainable_state(model), adapter_dir, checkpoints)
+    message, the folder whose newest checkpoint is named). ``gathered``: the trainable parameters as whole
+    tensors, for a sharded model."""
+    check_finite(trainable_state(model) if gathered is None else gathered, adapter_dir, checkpoints)
     temp = adapter_dir.with_name(".tmp-adapter")
     with writing(temp, adapter_dir, checkpoints):
         shutil.rmtree(temp, ignore_errors=True)
-        model.save_pretrained(str(temp))
+        model.save_pretrained(str(temp), **({} if gathered is None else {"state_dict": gathered}))
         replace_folder(temp, adapter_dir)
 
 

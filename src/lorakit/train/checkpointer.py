@@ -21,6 +21,7 @@ from lorakit.train import adapters
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.distributed import Distributed, barrier, gather_tensors
 from lorakit.train.fingerprint import allowed_changes, check_resume, run_fingerprint
+from lorakit.train.fsdp import full_optimizer_state, full_state, is_sharded
 from lorakit.train.metrics import read_metrics, truncate_metrics
 from lorakit.train.rng import capture_rng_state, restore_rng_state
 
@@ -96,6 +97,8 @@ class Checkpointer:
         ``trainer_state.json`` holds ``state`` as given, i.e. with the previous ``last_checkpoint``.
         """
         rng = gather_tensors(self.context, capture_rng_state())
+        # under FSDP every rank gathers the shards (collectives); rank 0 writes the whole tensors
+        gathered = (full_state(model), full_optimizer_state(optimizer)) if is_sharded(model) else None
         if self.context.is_main:
             trainer_state = {
                 **dataclasses.asdict(state),
@@ -116,6 +119,7 @@ class Checkpointer:
                 rng_states=rng,
                 keep=self.config.save_total_limit,
                 method_state=adapters.method_state(model),
+                gathered=gathered,
             )
             self.say(f"step {state.step}: checkpoint {folder}")
         barrier(self.context)

@@ -28,6 +28,7 @@ METHODS = ("lora", "dora", "adalora", "adapter")  # the rows of lorakit.methods.
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATASET_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "text")
+DISTRIBUTED = ("ddp", "fsdp")
 
 # Short names people type; they map onto the real field.
 ALIASES = {
@@ -173,6 +174,13 @@ class TrainConfig:
     )
     sample_max_new_tokens: int = _help("Tokens generated per sample prompt.", 48)
     device: str = _help("cpu | cuda | cuda:N | auto.", "auto")
+    distributed: str = _help(
+        "Under torchrun: ddp (each rank holds the whole model) | fsdp (FSDP2: parameters sharded over ranks).",
+        "ddp",
+    )
+    fsdp_cpu_offload: bool = _help(
+        "With distributed: fsdp on GPUs: keep the parameter shards in CPU memory.", False
+    )
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))

@@ -10,6 +10,7 @@ from typing import Any
 
 from lorakit.train.config import (
     DATASET_FORMATS,
+    DISTRIBUTED,
     FLOAT32_TINY,
     METHODS,
     PRECISIONS,
@@ -52,6 +53,7 @@ def validate(config: TrainConfig) -> None:
         "precision": PRECISIONS,
         "dataset_format": DATASET_FORMATS,
         "compute_dtype": ("bf16", "fp16", "fp32"),
+        "distributed": DISTRIBUTED,
     }
     for key, allowed in choices.items():
         value = getattr(config, key)

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from lorakit.train.distributed import all_reduce_sum
+from lorakit.train.fsdp import full_tensor, local_tensors
 from lorakit.train.metrics import read_metrics
 
 RELATIVE_FLOOR = 2.0  # below a best loss of 2 nats the margin stays threshold * 2 (1.0 at the default 0.5)
@@ -113,9 +115,14 @@ class DivergenceMixin:
 
     def check_parameters(self) -> None:
         """After the optimizer step of step ``state.step + 1``: every trainable parameter finite."""
-        if all_finite_fast([p.detach() for p in self.trainable]):
+        finite = all_finite_fast([p.detach() for p in local_tensors(self.trainable)])  # this rank's shards
+        if self.context.enabled:  # every rank must agree (each holds different shards under FSDP)
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.context.device)
+            finite = all_reduce_sum(self.context, flag).item() == 0
+        if finite:
             return
-        bad = first_non_finite((n, p.detach()) for n, p in self.model.named_parameters() if p.requires_grad)
+        parameters = self.model.named_parameters()
+        bad = first_non_finite((n, full_tensor(p.detach())) for n, p in parameters if p.requires_grad)
         if bad is not None:
             name, value = bad
             raise TrainingDiverged(self._diverged_message(f"parameter '{name}'", value))

@@ -35,11 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import ConfigError, TrainConfig
+from lorakit.train.fsdp import adapter_save_kwargs, gathered_state, is_sharded
 from lorakit.train.metrics import read_metrics
 
 BEST_DIR = "best"
@@ -70,18 +72,21 @@ class EarlyStopping:
         return self.patience is not None and self.evals_without_improvement >= self.patience
 
 
-def save_best(model: nn.Module, folder: Path, step: int, loss: float) -> None:
+def save_best(
+    model: nn.Module, folder: Path, step: int, loss: float, gathered: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write ``best/`` (adapter, trainable parameters, ``best.json``) in a temp folder, then rename.
 
     Refuses non-finite parameters; a full disk is a one-line :class:`~lorakit.train.checkpoint.CheckpointWriteError`.
+    ``gathered``: the trainable parameters as whole tensors, for a sharded (FSDP) model.
     """
     temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     checkpoints = folder.parent / "checkpoints"
-    trainable = ckpt.trainable_state(model)
+    trainable = ckpt.trainable_state(model) if gathered is None else gathered
     ckpt.check_finite(trainable, folder, checkpoints)
     with ckpt.writing(temp, folder, checkpoints):
         shutil.rmtree(temp, ignore_errors=True)
-        model.save_pretrained(str(temp))
+        model.save_pretrained(str(temp), **adapter_save_kwargs(gathered))
         save_file(trainable, str(temp / TRAINABLE_FILE))
         ckpt.write_json(temp / BEST_FILE, {"step": step, "eval_loss": loss})
         ckpt.replace_folder(temp, folder)
@@ -201,8 +206,9 @@ class BestAdapter:
         if not self.keeps or loss is None or step == 0:
             return False
         improved = self.stopping.update(step, loss)
+        gathered = gathered_state(model) if improved else None  # every rank, under FSDP
         if improved and self.is_main:
-            save_best(model, self.folder, step, loss)
+            save_best(model, self.folder, step, loss, gathered)
         return improved
 
     @property
@@ -224,12 +230,13 @@ class BestAdapter:
         return f"{self.folder} (step {info['step']}, held-out loss {info['eval_loss']:.4f})"
 
     def restore(self, model: nn.Module, say: Callable[[str], None] = print) -> dict[str, Any] | None:
-        """Rank 0: load ``best/``'s trainable parameters into ``model``; returns ``best.json`` or None.
+        """Rank 0 (every rank under FSDP): load ``best/``'s trainable parameters into ``model``; returns
+        ``best.json`` or None.
 
         None with a best step on record happens after a resume that found the best step's checkpoint
         pruned (:meth:`_reconcile`) and no later improvement: the model keeps its last state, and says so.
         """
-        if not (self.enabled and self.is_main):
+        if not (self.enabled and (self.is_main or is_sharded(model))):
             return None
         info = read_best(self.folder)
         if info is not None:

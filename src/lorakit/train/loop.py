@@ -44,6 +44,8 @@ from lorakit.train.distributed import (
 from lorakit.train.divergence import DivergenceMixin, TrainingDiverged
 from lorakit.train.early_stopping import BestAdapter
 from lorakit.train.evaluation import loss_sum_and_tokens
+from lorakit.train.fsdp import check_config as check_fsdp_config
+from lorakit.train.fsdp import full_tensor, gathered_state, shard_model
 from lorakit.train.lock import hold_output_dir
 from lorakit.train.metrics import MetricsLog, format_summary, peak_memory_bytes, perplexity, read_metrics
 from lorakit.train.plot import plot_loss_curves
@@ -96,6 +98,7 @@ class Trainer(DivergenceMixin):
         self.bar: tqdm | None = None
         self._orders: dict[int, list[int]] = {}
         self.started = time.perf_counter()
+        self.sharded = config.distributed == "fsdp"  # FSDP2 (lorakit.train.fsdp); else DDP or one process
 
     def say(self, message: str) -> None:
         if self.context.is_main:
@@ -107,6 +110,7 @@ class Trainer(DivergenceMixin):
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         config = self.config
+        check_fsdp_config(config, self.context)
         seed_everything(config.seed)
         if not self.context.is_main:
             barrier(self.context)  # rank 0 loads first: it may convert the embedded model into the cache
@@ -117,6 +121,9 @@ class Trainer(DivergenceMixin):
         self.data: PreparedData = prepare_data(config, self.tokenizer, self.say)
         self.plan: Plan = make_plan(config, len(self.data.train), self.context.world_size)
         self.model = attach_adapter(self.model, config, self.plan.total_steps)
+        self.param_counts = self.model.get_nb_trainable_parameters()
+        if self.sharded:
+            self.say(shard_model(self.model, config, self.context))
         torch.manual_seed(config.seed + 1_000_003 * (self.context.rank + 1))  # per-rank dropout stream
         self.model.train()
         # The compiled callable runs only the training forward; evaluation, generation and saving use the
@@ -132,8 +139,7 @@ class Trainer(DivergenceMixin):
                 f"note: max_steps={config.max_steps} covers {self.plan.total_steps / self.plan.steps_per_epoch:.0%} "
                 "of one epoch; use --max_steps none --num_epochs N to train on all of the data"
             )
-        trainable, total = self.model.get_nb_trainable_parameters()
-        self.param_counts = (trainable, total)
+        trainable, total = self.param_counts
         self.say(
             f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.3f}%); "
             f"{self.plan.total_steps} steps of {self.plan.global_batch} sequences "
@@ -182,7 +188,8 @@ class Trainer(DivergenceMixin):
         if not math.isfinite(loss):
             raise TrainingDiverged(self._diverged_message("loss", loss))
         self._add_regularizer()
-        all_reduce_gradients(self.context, self.trainable)
+        if not self.sharded:  # FSDP reduce-scatters the gradients itself
+            all_reduce_gradients(self.context, self.trainable)
         grad_norm = self._clip_gradients()
         lr = set_learning_rates(
             self.optimizer,
@@ -219,7 +226,7 @@ class Trainer(DivergenceMixin):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)).item()
         if not math.isfinite(norm) and self.scaler is None:
             raise TrainingDiverged(self._diverged_message("gradient norm", norm))
         return norm
@@ -354,13 +361,16 @@ class Trainer(DivergenceMixin):
         self.best.restore(self.model, say=self.say)  # after the final checkpoint, which keeps the last state
         adapter_dir = self.output_dir / "adapter"
         result = TrainResult(self.output_dir, adapter_dir)
+        gathered = gathered_state(self.model)  # every rank, under FSDP
         if self.context.is_main:
-            ckpt.write_adapter(self.model, adapter_dir, self.checkpoint_root)
+            ckpt.write_adapter(self.model, adapter_dir, self.checkpoint_root, gathered)
             result.summary = self._summary()
             plot_loss_curves(read_metrics(self.metrics.path), self.output_dir / "loss.png")
             ckpt.write_json(self.output_dir / "summary.json", result.summary)
             self.say("\n" + format_summary(result.summary))
+        if self.context.is_main or self.sharded:  # a sharded model generates on every rank together
             result.samples = self._samples()
+        if self.context.is_main:
             self.say(
                 f"\nadapter: {adapter_dir}  metrics: {self.metrics.path}  plot: {self.output_dir / 'loss.png'}"
             )
@@ -388,5 +398,6 @@ class Trainer(DivergenceMixin):
             return []
         results = before_after(self.model, self.tokenizer, prompts, self.config.sample_max_new_tokens)
         print_before_after(results, self.say)
-        ckpt.write_json(self.output_dir / "samples.json", {"samples": results})
+        if self.context.is_main:
+            ckpt.write_json(self.output_dir / "samples.json", {"samples": results})
         return results
