@@ -69,6 +69,7 @@ SAFE_FIELDS = frozenset(
         "cpu_keep_freed_memory",
         "gradient_checkpointing",
         "compile",
+        "fsdp_cpu_offload",  # where FSDP keeps the shards, not what they compute
     }
 )
 
