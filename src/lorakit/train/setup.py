@@ -61,7 +61,13 @@ def seed_everything(seed: int) -> None:
 
 
 def load_base(config: TrainConfig, device: torch.device) -> tuple[nn.Module, object]:
-    """The base model (fp32 weights, or 4-bit Linear layers for QLoRA) and its tokenizer."""
+    """The base model (fp32 weights, or 4-bit Linear layers for QLoRA) and its tokenizer.
+
+    Under ``distributed: fsdp`` the model stays in host memory: ``fully_shard`` then moves only this rank's
+    shards to its GPU, so no GPU ever holds the whole model.
+    """
+    if config.distributed == "fsdp":
+        device = torch.device("cpu")
     tokenizer = load_tokenizer(config.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
