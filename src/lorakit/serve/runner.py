@@ -1,0 +1,163 @@
+"""Forwards of the served model for rows that use different adapters: prefill one prompt, decode one token per row.
+
+A decode step puts every row in one forward when it can: a LoRA model runs rows of different adapters (and the
+base model, ``"__base__"``) together through :meth:`lorakit.tuner.LoraModel.mixed_batch`. Adapters that cannot
+share a forward (variants such as DoRA, methods without mixed batches, layer kinds without a mixed path) fall back
+to sub-batches: the mixable rows form one sub-batch, each other adapter one sub-batch of its rows run with that
+adapter active (the base model's rows under ``disable_adapter``). Each sub-batch gets a copy of its rows of the KV
+cache (:meth:`KVBatch.take`), and the parts are put back in row order afterwards (:meth:`KVBatch.gather`), so the
+step still advances every row by one token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from lorakit.serve.kv_batch import KVBatch
+from lorakit.serve.request import BASE_MODEL
+
+Group = tuple[Callable[[], contextlib.AbstractContextManager], list[int]]
+
+
+class ModelRunner:
+    """Runs the model (a lorakit ``PeftModel`` or a plain transformers causal LM) for rows with given adapters."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._mixable: dict[str, bool] = {}
+        inner = self._inner()
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+    # ------------------------------------------------------------------------------------------- adapters
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.model, "base_model") and hasattr(self.model, "peft_config")
+
+    def _inner(self) -> nn.Module:
+        return self.model.get_base_model() if self.is_peft else self.model
+
+    def adapter_names(self) -> list[str]:
+        return list(self.model.peft_config) if self.is_peft else []
+
+    def invalidate(self) -> None:
+        """Forget what is known about the adapters (after loading or deleting one)."""
+        self._mixable.clear()
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def mixable(self, adapter: str) -> bool:
+        """Whether rows of ``adapter`` can run in a mixed-adapter forward."""
+        if adapter not in self._mixable:
+            self._mixable[adapter] = self._check_mixable(adapter)
+        return self._mixable[adapter]
+
+    def _check_mixable(self, adapter: str) -> bool:
+        from lorakit.lora_layer import LoraLayer
+        from lorakit.tuner import BaseTuner
+
+        tuner = self.model.base_model
+        if type(tuner).mixed_batch is BaseTuner.mixed_batch:
+            return False
+        for _, layer in tuner.adapter_layers():
+            if type(layer)._mixed_batch_forward is LoraLayer._mixed_batch_forward:
+                return False  # mixed_batch sets every layer's rows: this kind raises whatever the adapter
+            variant = getattr(layer, "lora_variant", {}).get(adapter)
+            if variant is not None and not variant.supports_mixed_batch:
+                return False
+        return True
+
+    def groups(self, adapters: Sequence[str]) -> list[Group]:
+        """Partition the rows into sub-batches that can each run in one forward, with their contexts."""
+        rows = list(range(len(adapters)))
+        if not self.is_peft:
+            return [(contextlib.nullcontext, rows)]
+        mixed = [i for i in rows if self.mixable(adapters[i])]
+        groups: list[Group] = []
+        if mixed:
+            names = [adapters[i] for i in mixed]
+            groups.append((lambda: self.model.base_model.mixed_batch(names), mixed))
+        alone: dict[str, list[int]] = {}
+        for i in rows:
+            if not self.mixable(adapters[i]):
+                alone.setdefault(adapters[i], []).append(i)
+        for name, members in alone.items():
+            groups.append((lambda name=name: self._only(name), members))
+        return groups
+
+    @contextlib.contextmanager
+    def _only(self, adapter: str):
+        """Run with ``adapter`` alone active (the base model: adapters disabled), then restore the active ones."""
+        if adapter == BASE_MODEL:
+            with self.model.disable_adapter():
+                yield
+            return
+        previous = self.model.active_adapter
+        self.model.set_adapter(adapter)
+        try:
+            yield
+        finally:
+            if previous:
+                self.model.set_adapter(previous)
+
+    # ---------------------------------------------------------------------------------------------- forwards
+    def _forward(self, context, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        with context():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            )
+        return out.logits[:, -1, :].float()
+
+    def prefill(self, prompt_ids: Sequence[int], adapter: str) -> tuple[torch.Tensor, KVBatch]:
+        """The next-token logits ``(1, vocab)`` after the prompt, and its one-row :class:`KVBatch`."""
+        device = self.device
+        length = len(prompt_ids)
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+        mask = torch.ones(1, length, dtype=torch.long, device=device)
+        positions = torch.arange(length, device=device).unsqueeze(0)
+        cache = DynamicCache()
+        ((context, _),) = self.groups([adapter])
+        logits = self._forward(context, input_ids, mask, positions, cache)
+        return logits, KVBatch.from_prefill(cache, length, device)
+
+    def decode(self, batch: KVBatch, tokens: Sequence[int], adapters: Sequence[str]) -> torch.Tensor:
+        """Feed ``tokens[i]`` to row ``i`` (adapter ``adapters[i]``); returns the logits ``(B, vocab)``.
+
+        ``batch`` is advanced in place by one column per row.
+        """
+        device = batch.mask.device
+        input_ids = torch.tensor(list(tokens), dtype=torch.long, device=device).unsqueeze(1)
+        groups = self.groups(adapters)
+        if len(groups) == 1:
+            return self._step(groups[0][0], batch, input_ids)
+        parts, outputs = [], []
+        for context, rows in groups:
+            part = batch.take(rows)
+            outputs.append(self._step(context, part, input_ids[rows]))
+            parts.append(part)
+        merged = KVBatch.gather(parts, [rows for _, rows in groups])
+        batch.cache, batch.mask = merged.cache, merged.mask
+        logits = outputs[0].new_empty(len(tokens), outputs[0].shape[-1])
+        for (_, rows), output in zip(groups, outputs):
+            logits[rows] = output
+        return logits
+
+    def _step(self, context, batch: KVBatch, input_ids: torch.Tensor) -> torch.Tensor:
+        attention_mask, position_ids = batch.step_inputs()
+        logits = self._forward(context, input_ids, attention_mask, position_ids, batch.cache)
+        batch.advance(attention_mask)
+        return logits
