@@ -34,6 +34,7 @@ SUBCOMMAND_MODULES = (
     "chat",
     "factorize",
     "inspect",
+    "serve",
 )
 
 
