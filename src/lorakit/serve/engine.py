@@ -217,8 +217,7 @@ class BatchEngine:
         if queued:
             future.result()
         else:
-            with torch.inference_mode():
-                command()
+            command()
 
     def _run_commands(self) -> None:
         while True:
@@ -228,7 +227,8 @@ class BatchEngine:
                 command, future = self._commands.popleft()
             if future.set_running_or_notify_cancel():
                 try:
-                    command()
+                    with torch.inference_mode(False):  # adapter weights must not be inference tensors
+                        command()
                 except BaseException as error:  # noqa: BLE001 -- handed to the caller
                     future.set_exception(error)
                 else:
@@ -271,6 +271,6 @@ class BatchEngine:
         return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
 
     def _finish(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
-        handle._finish(reason, error)
         with self._cond:  # re-entrant use is fine: Condition wraps an RLock
             self._inflight[handle.request.adapter] -= 1
+        handle._finish(reason, error)  # after the books: a caller seeing it may unload the adapter

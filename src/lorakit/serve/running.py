@@ -61,9 +61,12 @@ class RunningBatch:
         self._stats["prefills"] += 1
         generator = make_generator(request.seed, logits.device) if request.temperature > 0 else None
         row = Row(handle, generator)
-        if not self._accept(row, self._choose(logits, [row])[0]):
+        reason = self._accept(row, self._choose(logits, [row])[0])
+        if reason is None:
             self.kv.extend(kv)
             self.rows.append(row)
+        else:
+            self._finish(handle, reason, None)
 
     def step(self) -> None:
         """One decode step for every row; finished rows leave the batch. An error fails every row."""
@@ -79,15 +82,18 @@ class RunningBatch:
                 self._finish(row.handle, "error", message)
             return
         self._stats["steps"] += 1
-        tokens = self._choose(logits, rows)
-        finished = [i for i, (row, token) in enumerate(zip(rows, tokens)) if self._accept(row, token)]
-        self._remove(finished)
+        reasons = [self._accept(row, token) for row, token in zip(rows, self._choose(logits, rows))]
+        finished = [i for i, reason in enumerate(reasons) if reason is not None]
+        self._remove(finished)  # the slots are free before anyone sees a final event
+        for i in finished:
+            self._finish(rows[i].handle, reasons[i], None)
 
     def drop(self, indices: list[int], reason: str = "cancelled") -> None:
         """End the rows ``indices`` with final event ``reason`` and free their slots."""
-        for i in indices:
-            self._finish(self.rows[i].handle, reason, None)
+        handles = [self.rows[i].handle for i in indices]
         self._remove(indices)
+        for handle in handles:
+            self._finish(handle, reason, None)
 
     def _remove(self, indices: list[int]) -> None:
         if not indices:
@@ -102,18 +108,14 @@ class RunningBatch:
         temperatures = [q.temperature for q in requests]
         return next_tokens(logits, temperatures, [q.top_p for q in requests], [r.generator for r in rows])
 
-    def _accept(self, row: Row, token: int) -> bool:
-        """Record ``token`` for ``row``; True when the row is finished (its handle got its final event)."""
+    def _accept(self, row: Row, token: int) -> str | None:
+        """Record ``token`` for ``row`` and emit it unless it stops the row; the finish reason, if it ends."""
         row.generated += 1
         row.last_token = token
         row.handle.completion_tokens += 1
         self._stats["generated_tokens"] += 1
         request = row.request
         if token in request.stop_token_ids:
-            self._finish(row.handle, "stop", None)
-            return True
+            return "stop"
         row.handle._emit(token)
-        if row.generated >= request.max_new_tokens:
-            self._finish(row.handle, "length", None)
-            return True
-        return False
+        return "length" if row.generated >= request.max_new_tokens else None
