@@ -63,6 +63,9 @@ def run_forked_ranks(function, world_size: int, folder: Path, timeout: float = 1
     def worker(rank: int) -> None:
         import torch.distributed as dist
 
+        # one intra-op thread: an OpenMP pool inherited through fork can deadlock the child's first parallel op
+        torch.set_num_threads(1)
+
         from lorakit.train.distributed import Distributed
 
         dist.init_process_group(
