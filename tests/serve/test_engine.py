@@ -364,3 +364,98 @@ def test_plain_model_serves_the_base_until_an_adapter_is_loaded(tmp_path):
     assert tokens_of(engine.submit(req(prompt, "mine", 8))) == expected
     assert tokens_of(engine.submit(req(prompt, BASE_MODEL, 8))) == expected_base
     engine.stop()
+
+
+def test_adapter_with_modules_to_save_runs_alone(tmp_path):
+    """An adapter with its own ``lm_head`` copy cannot use mixed_batch (LoRA layers only): own sub-batch."""
+    model = build_model(with_dora=False)
+    model.add_adapter("head", lora(50, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        copy = model.get_base_model().lm_head.modules_to_save["head"]
+        copy.weight.add_(torch.randn_like(copy.weight) * 0.5)
+    model.eval()
+    plan = [(PROMPTS[i], a) for i, a in enumerate(["head", "a0", BASE_MODEL, "head", "a1"])]
+    expected = [expect(reference(model, ids(p), a, 10)) for p, a in plan]
+    engine = BatchEngine(model, TOKENIZER, max_batch_size=8)
+    handles = [engine.submit(req(ids(p), a, 10)) for p, a in plan]
+    engine.start()
+    assert [tokens_of(h) for h in handles] == expected
+    engine.stop()
+    assert not engine.runner.mixable("head") and engine.runner.mixable("a0")
+
+
+def test_gpt2_mixed_adapters():
+    """GPT-2 (absolute positions, Conv1D projections): the per-row positions and masks hold there too."""
+    from tests.conftest import tiny_gpt2
+
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_gpt2(0), config, adapter_name="g0")
+    model.add_adapter("g1", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    model.eval()
+    plan = [
+        ([5, 9, 11, 40, 3], "g0"),
+        ([7, 7], "g1"),
+        ([60, 61, 62, 63, 64, 65, 66, 67, 68], BASE_MODEL),
+        ([8], "g0"),
+    ]
+    expected = [reference(model, p, a, 12) for p, a in plan]
+    engine = BatchEngine(model, None, max_batch_size=4)
+    handles = [engine.submit(GenerationRequest(p, a, 12)) for p, a in plan]
+    engine.start()
+    assert [tokens_of(h)[0] for h in handles] == expected
+    engine.stop()
+    assert engine.max_context == 64
+
+
+def test_decode_error_fails_the_running_requests_and_the_engine_goes_on():
+    model = build_model(with_dora=False)
+    calls = {"n": 0}
+
+    def explode(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+
+    hook = model.get_base_model().lm_head.register_forward_pre_hook(explode)
+    engine = BatchEngine(model, TOKENIZER)
+    engine.start()
+    try:
+        events = list(engine.submit(GenerationRequest(ids("fail"), "a0", 10)).events(timeout=60))
+        assert events[-1].finish_reason == "error" and "RuntimeError: boom" in events[-1].error
+        assert len(events) == 3  # two tokens (prefill, first step), then the failed step
+        hook.remove()
+        assert tokens_of(engine.submit(GenerationRequest(ids("fine"), "a0", 5)))[1] == "length"
+    finally:
+        engine.stop()
+
+
+def test_unload_the_last_adapter_and_serve_the_base():
+    model = get_peft_model(tiny_llama(0), lora(60), adapter_name="only")
+    model.eval()
+    expected_base = reference(model, ids(PROMPTS[3]), BASE_MODEL, 6)
+    engine = BatchEngine(model, TOKENIZER)
+    engine.start()
+    engine.unload_adapter("only")
+    assert engine.adapters() == [] and not model.peft_config
+    assert tokens_of(engine.submit(GenerationRequest(ids(PROMPTS[3]), max_new_tokens=6)))[0] == expected_base
+    engine.stop()
+
+
+def test_leaving_the_event_iterator_cancels(engine):
+    engine.start()
+    handle = engine.submit(GenerationRequest(ids("leave"), "a0", 200))
+    for _ in handle.events(timeout=60):
+        break
+    assert handle.cancelled
+
+    async def leave_async():
+        other = engine.submit(GenerationRequest(ids("leave"), "a1", 200))
+        async for _ in other.aevents():
+            break
+        return other
+
+    other = asyncio.run(leave_async())  # asyncio.run closes the abandoned async generator on its way out
+    assert other.cancelled
+    assert list(handle.events(timeout=30))[-1].finish_reason == "cancelled"
+    assert list(other.events(timeout=30))[-1].finish_reason == "cancelled"

@@ -84,36 +84,53 @@ class RequestHandle:
     def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
         """Blocking iterator over the events; ends after the final one.
 
-        ``timeout``: the longest wait for the next event, after which ``TimeoutError`` is raised.
+        ``timeout``: the longest wait for the next event, after which ``TimeoutError`` is raised. Leaving the
+        iterator before the final event (``break``, an exception, the timeout) cancels the request.
         """
-        while True:
-            with self._cond:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not self._events:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(f"No event of request {self.id} within {timeout} s.")
-                    self._cond.wait(left)
-                event = self._events.popleft()
-            yield event
-            if event.finish_reason is not None:
-                return
+        final = False
+        try:
+            while True:
+                with self._cond:
+                    deadline = None if timeout is None else time.monotonic() + timeout
+                    while not self._events:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise TimeoutError(f"No event of request {self.id} within {timeout} s.")
+                        self._cond.wait(left)
+                    event = self._events.popleft()
+                final = event.finish_reason is not None
+                yield event
+                if final:
+                    return
+        finally:
+            if not final:
+                self.cancel()
 
     async def aevents(self) -> AsyncIterator[TokenEvent]:
-        """Async iterator over the events (for asyncio servers); ends after the final one."""
+        """Async iterator over the events (for asyncio servers); ends after the final one.
+
+        Leaving it before the final event (``break``, the task cancelled as a client disconnects) cancels the
+        request.
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            with self._cond:
-                event = self._events.popleft() if self._events else None
+        final = False
+        try:
+            while True:
+                with self._cond:
+                    event = self._events.popleft() if self._events else None
+                    if event is None:
+                        ready = asyncio.Event()
+                        self._waiters.append((loop, ready))
                 if event is None:
-                    ready = asyncio.Event()
-                    self._waiters.append((loop, ready))
-            if event is None:
-                await ready.wait()
-                continue
-            yield event
-            if event.finish_reason is not None:
-                return
+                    await ready.wait()
+                    continue
+                final = event.finish_reason is not None
+                yield event
+                if final:
+                    return
+        finally:
+            if not final:
+                self.cancel()
 
     # ------------------------------------------------------------------------------------------- engine side
     def _push(self, event: TokenEvent) -> None:

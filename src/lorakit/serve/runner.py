@@ -4,7 +4,9 @@ A decode step puts every row in one forward when it can: a LoRA model runs rows 
 base model, ``"__base__"``) together through :meth:`lorakit.tuner.LoraModel.mixed_batch`. Adapters that cannot
 share a forward (variants such as DoRA, methods without mixed batches, layer kinds without a mixed path) fall back
 to sub-batches: the mixable rows form one sub-batch, each other adapter one sub-batch of its rows run with that
-adapter active (the base model's rows under ``disable_adapter``). Each sub-batch gets a copy of its rows of the KV
+adapter active (the base model's rows under ``disable_adapter``). An adapter with its own copies of whole modules
+(``modules_to_save``, e.g. ``lm_head``) is one of those: ``mixed_batch`` only routes the LoRA layers, so the mixed
+sub-batch runs with those copies switched off (the original modules). Each sub-batch gets a copy of its rows of the KV
 cache (:meth:`KVBatch.take`), and the parts are put back in row order afterwards (:meth:`KVBatch.gather`), so the
 step still advances every row by one token.
 """
@@ -31,6 +33,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module):
         self.model = model
         self._mixable: dict[str, bool] = {}
+        self._wrappers: list[nn.Module] | None = None  # the modules_to_save wrappers, found once
         inner = self._inner()
         self._logits_to_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
 
@@ -48,6 +51,7 @@ class ModelRunner:
     def invalidate(self) -> None:
         """Forget what is known about the adapters (after loading or deleting one)."""
         self._mixable.clear()
+        self._wrappers = None
 
     @property
     def device(self) -> torch.device:
@@ -67,6 +71,10 @@ class ModelRunner:
         tuner = self.model.base_model
         if type(tuner).mixed_batch is BaseTuner.mixed_batch:
             return False
+        if any(adapter in wrapper.modules_to_save for wrapper in self._save_wrappers()):
+            return (
+                False  # mixed_batch routes LoRA layers only: its own copies of whole modules need it active
+            )
         for _, layer in tuner.adapter_layers():
             if type(layer)._mixed_batch_forward is LoraLayer._mixed_batch_forward:
                 return False  # mixed_batch sets every layer's rows: this kind raises whatever the adapter
@@ -84,7 +92,7 @@ class ModelRunner:
         groups: list[Group] = []
         if mixed:
             names = [adapters[i] for i in mixed]
-            groups.append((lambda: self.model.base_model.mixed_batch(names), mixed))
+            groups.append((lambda: self._mixed(names), mixed))
         alone: dict[str, list[int]] = {}
         for i in rows:
             if not self.mixable(adapters[i]):
@@ -92,6 +100,26 @@ class ModelRunner:
         for name, members in alone.items():
             groups.append((lambda name=name: self._only(name), members))
         return groups
+
+    def _save_wrappers(self) -> list[nn.Module]:
+        if self._wrappers is None:
+            from lorakit.modules_to_save import save_wrappers
+
+            self._wrappers = [wrapper for _, wrapper in save_wrappers(self.model)]
+        return self._wrappers
+
+    @contextlib.contextmanager
+    def _mixed(self, names: list[str]):
+        """Row ``i`` with adapter ``names[i]``; ``modules_to_save`` copies stay out (no mixable adapter has one)."""
+        wrappers = [(w, w.disable_adapters) for w in self._save_wrappers()]
+        for wrapper, _ in wrappers:
+            wrapper.disable_adapters = True
+        try:
+            with self.model.base_model.mixed_batch(names):
+                yield
+        finally:
+            for wrapper, flag in wrappers:
+                wrapper.disable_adapters = flag
 
     @contextlib.contextmanager
     def _only(self, adapter: str):
