@@ -459,3 +459,27 @@ def test_leaving_the_event_iterator_cancels(engine):
     assert other.cancelled
     assert list(handle.events(timeout=30))[-1].finish_reason == "cancelled"
     assert list(other.events(timeout=30))[-1].finish_reason == "cancelled"
+
+
+def test_prefill_chunks_and_a_failing_prompt_fails_alone(monkeypatch):
+    from lorakit.serve import running
+
+    monkeypatch.setattr(running, "PREFILL_TOKENS", 24)  # chunks of at most 24 padded prompt tokens
+    model = build_model(with_dora=False)
+
+    def refuse(module, args):
+        if args[0].shape[1] > 1 and bool((args[0] == 120).any()):  # prefills only
+            raise RuntimeError("token 120 refused")
+
+    model.get_base_model().model.embed_tokens.register_forward_pre_hook(refuse)
+    plan = [(ids(PROMPTS[i]), a) for i, a in enumerate(["a0", "a1", "a2", BASE_MODEL, "a0", "a1"])]
+    expected = [expect(reference(model, p, a, 8)) for p, a in plan]
+    engine = BatchEngine(model, TOKENIZER, max_batch_size=8)
+    handles = [engine.submit(req(p, a, 8)) for p, a in plan]
+    bad = engine.submit(req([5, 120, 7], "a0", 8))
+    engine.start()
+    assert [tokens_of(h) for h in handles] == expected
+    events = list(bad.events(timeout=60))
+    assert len(events) == 1 and events[0].finish_reason == "error" and "token 120 refused" in events[0].error
+    engine.stop()
+    assert engine.stats["prefills"] == len(plan)

@@ -5,8 +5,8 @@ A background thread loops:
 1. run the queued adapter commands (:meth:`BatchEngine.load_adapter` / :meth:`~BatchEngine.unload_adapter`),
    so the model only changes between decode steps;
 2. drop cancelled requests, waiting or running (a running row's KV cache rows are index-selected away);
-3. admit waiting requests while fewer than ``max_batch_size`` run: prefill each alone (batch of 1, no padding),
-   choose its first token, and merge its KV cache into the running batch (:mod:`lorakit.serve.kv_batch`: left
+3. admit waiting requests while fewer than ``max_batch_size`` run: prefill them together (left-padded), choose
+   their first tokens, and merge their KV cache into the running batch (:mod:`lorakit.serve.kv_batch`: left
    padding, an attention mask and per-row positions, so each row sees exactly its own tokens);
 4. one decode step for every running row (input ``(B, 1)``), rows of different adapters in one forward
    (:mod:`lorakit.serve.runner`, with per-adapter sub-batches for adapters that cannot mix), then the next token
@@ -254,8 +254,7 @@ class BatchEngine:
                         continue
                 running = self._running
                 running.drop([i for i, row in enumerate(running.rows) if row.handle.cancelled or self._abort])
-                for handle in admitted:
-                    running.admit(handle)
+                running.admit(admitted)
                 if running:
                     running.step()
             self._run_commands()  # those queued before the loop closed

@@ -6,8 +6,8 @@ of shape ``(B, heads, W, head_dim)``) plus a mask ``(B, W)`` of the columns that
 Invariants (kept by every method here):
 
 1. **Left padding only.** Row ``b``'s real tokens fill a contiguous suffix of the columns: ``mask[b]`` is
-   ``0 ... 0 1 ... 1``. Padding columns hold zeros and are never attended to (the mask goes to the model as
-   ``attention_mask``). Every decode step appends one real column to every row, so the suffix stays contiguous.
+   ``0 ... 0 1 ... 1``. Padding columns hold zeros (:meth:`zero_padding` after a left-padded prefill) and are
+   never attended to (the mask goes to the model as ``attention_mask``). Every decode step appends one real column to every row, so the suffix stays contiguous.
 2. **Own positions.** The next token of row ``b`` gets position ``mask[b].sum()`` (its number of real tokens),
    so a row sees the same positions (RoPE) and the same keys as it would alone: padding changes nothing but
    the width of the attention.
@@ -94,6 +94,15 @@ class KVBatch:
     def advance(self, attention_mask: torch.Tensor) -> None:
         """After the model appended one column per row: that step's ``attention_mask`` is the new mask."""
         self.mask = attention_mask
+
+    def zero_padding(self) -> None:
+        """Zero the keys and values of the padding columns (a left-padded prefill computed them for pad tokens)."""
+        if self.batch_size == 0 or bool(self.mask.all()):
+            return
+        pad = (self.mask == 0)[:, None, :, None]
+        for layer in _layers(self.cache):
+            layer.keys = layer.keys.masked_fill(pad.to(layer.keys.device), 0)
+            layer.values = layer.values.masked_fill(pad.to(layer.values.device), 0)
 
     # ------------------------------------------------------------------------------------- row surgery
     def extend(self, other: KVBatch) -> None:

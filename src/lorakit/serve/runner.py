@@ -150,17 +150,40 @@ class ModelRunner:
             )
         return out.logits[:, -1, :].float()
 
-    def prefill(self, prompt_ids: Sequence[int], adapter: str) -> tuple[torch.Tensor, KVBatch]:
-        """The next-token logits ``(1, vocab)`` after the prompt, and its one-row :class:`KVBatch`."""
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], adapters: Sequence[str]
+    ) -> tuple[torch.Tensor, KVBatch]:
+        """Prompt ``i`` with adapter ``adapters[i]``, left-padded together (per sub-batch, see :meth:`groups`).
+
+        Returns the next-token logits ``(B, vocab)`` and the rows' :class:`KVBatch`, in the order given.
+        """
+        groups = self.groups(adapters)
+        parts, outputs = [], []
+        for context, rows in groups:
+            logits, part = self._prefill_group(context, [prompts[i] for i in rows])
+            parts.append(part)
+            outputs.append(logits)
+        if len(groups) == 1:
+            return outputs[0], parts[0]
+        logits = outputs[0].new_empty(len(prompts), outputs[0].shape[-1])
+        for (_, rows), output in zip(groups, outputs):
+            logits[rows] = output
+        return logits, KVBatch.gather(parts, [rows for _, rows in groups])
+
+    def _prefill_group(self, context, prompts: list[Sequence[int]]) -> tuple[torch.Tensor, KVBatch]:
         device = self.device
-        length = len(prompt_ids)
-        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-        mask = torch.ones(1, length, dtype=torch.long, device=device)
-        positions = torch.arange(length, device=device).unsqueeze(0)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from 0 at its first real token
         cache = DynamicCache()
-        ((context, _),) = self.groups([adapter])
         logits = self._forward(context, input_ids, mask, positions, cache)
-        return logits, KVBatch.from_prefill(cache, length, device)
+        batch = KVBatch(cache, mask)
+        batch.zero_padding()  # the pad tokens' keys and values: zeros, as in every other padding column
+        return logits, batch
 
     def decode(self, batch: KVBatch, tokens: Sequence[int], adapters: Sequence[str]) -> torch.Tensor:
         """Feed ``tokens[i]`` to row ``i`` (adapter ``adapters[i]``); returns the logits ``(B, vocab)``.

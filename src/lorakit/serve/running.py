@@ -3,7 +3,8 @@
 :class:`RunningBatch` admits a request (prefill alone, choose its first token, merge its cache rows into the
 batch), advances every row by one token per :meth:`~RunningBatch.step` (one decode forward for all rows), and
 drops finished or cancelled rows (their cache rows are index-selected away, see :mod:`lorakit.serve.kv_batch`).
-A token is emitted to the row's handle unless it is a stop token; ``max_new_tokens`` ends a row with "length".
+Requests admitted together are prefilled together (left-padded; :meth:`ModelRunner.prefill`). A token is emitted
+to the row's handle unless it is a stop token; ``max_new_tokens`` ends a row with "length".
 Only the engine thread calls it.
 """
 
@@ -19,6 +20,8 @@ from lorakit.serve.kv_batch import KVBatch
 from lorakit.serve.request import GenerationRequest, RequestHandle
 from lorakit.serve.runner import ModelRunner
 from lorakit.serve.sampling import make_generator, next_tokens
+
+PREFILL_TOKENS = 8192  # the most (padded) prompt tokens prefilled in one forward, unless one prompt is longer
 
 Finish = Callable[[RequestHandle, str, "str | None"], None]
 
@@ -50,23 +53,48 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def admit(self, handle: RequestHandle) -> None:
-        """Prefill ``handle``'s prompt, emit its first token, and add it to the batch unless already finished."""
-        request = handle.request
-        try:
-            logits, kv = self.runner.prefill(request.prompt_ids, request.adapter)
-        except Exception as error:  # noqa: BLE001 -- reported on the request, the engine goes on
-            self._finish(handle, "error", f"{type(error).__name__}: {error}")
+    def admit(self, handles: list[RequestHandle]) -> None:
+        """Prefill the prompts in chunks, emit each first token, and add the rows that did not finish at once.
+
+        Prompts are sorted by length and chunked so that a chunk's padded size stays within
+        :data:`PREFILL_TOKENS` (a longer prompt goes alone).
+        """
+        handles = sorted(handles, key=lambda h: len(h.request.prompt_ids))
+        chunk: list[RequestHandle] = []
+        for handle in handles:
+            if chunk and (len(chunk) + 1) * len(handle.request.prompt_ids) > PREFILL_TOKENS:
+                self._admit_together(chunk)
+                chunk = []
+            chunk.append(handle)
+        self._admit_together(chunk)
+
+    def _admit_together(self, handles: list[RequestHandle]) -> None:
+        """One joint prefill; when it fails, one at a time, so only a request that fails alone errors."""
+        if not handles:
             return
-        self._stats["prefills"] += 1
-        generator = make_generator(request.seed, logits.device) if request.temperature > 0 else None
-        row = Row(handle, generator)
-        reason = self._accept(row, self._choose(logits, [row])[0])
-        if reason is None:
-            self.kv.extend(kv)
-            self.rows.append(row)
-        else:
-            self._finish(handle, reason, None)
+        requests = [h.request for h in handles]
+        try:
+            logits, kv = self.runner.prefill([q.prompt_ids for q in requests], [q.adapter for q in requests])
+        except Exception as error:  # noqa: BLE001 -- reported on the request, the engine goes on
+            if len(handles) > 1:
+                for handle in handles:
+                    self._admit_together([handle])
+            else:
+                self._finish(handles[0], "error", f"{type(error).__name__}: {error}")
+            return
+        self._stats["prefills"] += len(handles)
+        rows = [
+            Row(h, make_generator(q.seed, logits.device) if q.temperature > 0 else None)
+            for h, q in zip(handles, requests)
+        ]
+        reasons = [self._accept(row, token) for row, token in zip(rows, self._choose(logits, rows))]
+        keep = [i for i, reason in enumerate(reasons) if reason is None]
+        kv.keep(keep)
+        self.kv.extend(kv)
+        self.rows.extend(rows[i] for i in keep)
+        for row, reason in zip(rows, reasons):
+            if reason is not None:
+                self._finish(row.handle, reason, None)
 
     def step(self) -> None:
         """One decode step for every row; finished rows leave the batch. An error fails every row."""
