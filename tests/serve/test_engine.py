@@ -483,3 +483,25 @@ def test_prefill_chunks_and_a_failing_prompt_fails_alone(monkeypatch):
     assert len(events) == 1 and events[0].finish_reason == "error" and "token 120 refused" in events[0].error
     engine.stop()
     assert engine.stats["prefills"] == len(plan)
+
+
+def test_an_engine_bug_fails_the_running_requests_not_the_thread(model):
+    engine = BatchEngine(model, TOKENIZER)
+    step = engine._running.step
+    calls = {"n": 0}
+
+    def buggy_step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise IndexError("engine bug")
+        step()
+
+    engine._running.step = buggy_step
+    engine.start()
+    try:
+        events = list(engine.submit(GenerationRequest(ids("bug"), "a0", 10)).events(timeout=60))
+        assert events[-1].finish_reason == "error" and "IndexError: engine bug" in events[-1].error
+        assert tokens_of(engine.submit(GenerationRequest(ids("fine"), "a0", 5)))[1] == "length"
+        assert engine.stats["active"] == 0
+    finally:
+        engine.stop()

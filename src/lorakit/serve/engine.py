@@ -20,6 +20,7 @@ whatever the other rows are (up to float rounding of the different batch shapes)
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from torch import nn
 from lorakit.serve.request import BASE_MODEL, GenerationRequest, RequestHandle, TokenEvent
 from lorakit.serve.runner import ModelRunner
 from lorakit.serve.running import RunningBatch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASE_MODEL",
@@ -239,24 +242,29 @@ class BatchEngine:
         with torch.inference_mode():
             while True:
                 self._run_commands()
-                with self._cond:
-                    if self._abort:
-                        self._cancel_waiting(all_of_them=True)
-                    else:
-                        self._cancel_waiting()
-                    admitted = self._take_waiting()
-                    if not admitted and not self._running:
-                        if self._stopping and not self._waiting:
-                            self._closed = True  # commands now run inline in their caller
-                            break
-                        if not self._commands:
-                            self._cond.wait(0.5)
-                        continue
-                running = self._running
-                running.drop([i for i, row in enumerate(running.rows) if row.handle.cancelled or self._abort])
-                running.admit(admitted)
-                if running:
-                    running.step()
+                running, admitted = self._running, []
+                try:
+                    running.drop([i for i, r in enumerate(running.rows) if r.handle.cancelled or self._abort])
+                    with self._cond:
+                        self._cancel_waiting(all_of_them=self._abort)
+                        admitted = self._take_waiting()
+                        if not admitted and not running:
+                            if self._stopping and not self._waiting:
+                                self._closed = True  # commands now run inline in their caller
+                                break
+                            if not self._commands:
+                                self._cond.wait(0.5)
+                            continue
+                    running.admit(admitted)
+                    if running:
+                        running.step()
+                except Exception as error:  # a bug here must not leave requests waiting forever
+                    logger.exception("The batch engine failed; its running requests end with an error.")
+                    message = f"{type(error).__name__}: {error}"
+                    running.fail_all(message)
+                    for handle in admitted:
+                        if not handle.done:
+                            self._finish(handle, "error", message)
             self._run_commands()  # those queued before the loop closed
 
     def _cancel_waiting(self, all_of_them: bool = False) -> None:

@@ -104,10 +104,7 @@ class RunningBatch:
                 self.kv, [r.last_token for r in rows], [r.request.adapter for r in rows]
             )
         except Exception as error:  # noqa: BLE001 -- the running requests fail, the engine goes on
-            message = f"{type(error).__name__}: {error}"
-            self.rows, self.kv = [], KVBatch()
-            for row in rows:
-                self._finish(row.handle, "error", message)
+            self.fail_all(f"{type(error).__name__}: {error}")
             return
         self._stats["steps"] += 1
         reasons = [self._accept(row, token) for row, token in zip(rows, self._choose(logits, rows))]
@@ -115,6 +112,13 @@ class RunningBatch:
         self._remove(finished)  # the slots are free before anyone sees a final event
         for i in finished:
             self._finish(rows[i].handle, reasons[i], None)
+
+    def fail_all(self, message: str) -> None:
+        """End every row with an "error" event and start from an empty batch."""
+        rows, self.rows, self.kv = self.rows, [], KVBatch()
+        for row in rows:
+            if not row.handle.done:
+                self._finish(row.handle, "error", message)
 
     def drop(self, indices: list[int], reason: str = "cancelled") -> None:
         """End the rows ``indices`` with final event ``reason`` and free their slots."""
