@@ -78,6 +78,10 @@ class UsageError(ValueError):
     """A problem with the command line (exit code 2)."""
 
 
+class AdapterLoadError(Exception):
+    """An ``--adapter`` folder that does not load onto the base model."""
+
+
 def parse_adapters(specs: list[str] | None) -> list[tuple[str, str]]:
     """``[(name, dir)]`` from ``NAME=DIR`` (or ``DIR``) arguments; names must be unique."""
     adapters: list[tuple[str, str]] = []
@@ -143,7 +147,14 @@ def load_engine(args: argparse.Namespace, base: str | None, adapters: list[tuple
     model.to(target)
     engine = BatchEngine(model, tokenizer, max_batch_size=args.max_batch_size, max_context=args.max_context)
     for name, folder in adapters:
-        engine.load_adapter(name, folder)
+        try:
+            engine.load_adapter(name, folder)
+        except Exception as error:  # another base's adapter, an unknown method, unreadable weights, ...
+            from lorakit.serve.app import reason_of
+
+            raise AdapterLoadError(
+                f"cannot load adapter {name!r} from {folder}: {reason_of(error)}"
+            ) from error
     engine.model.to(target)
     return engine, tokenizer
 
@@ -212,6 +223,12 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as error:
         print(f"lorakit serve: error: {error}", file=sys.stderr)
         return 2
+    except (
+        FileNotFoundError,
+        ValueError,
+    ) as error:  # not an adapter folder, an unreadable adapter_config.json
+        print(f"lorakit serve: error: {error}", file=sys.stderr)
+        return 1
     base_name = served_base_name(base, args.base_name)
     if base_name in [name for name, _ in adapters]:
         print(
@@ -222,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     pin_threads()
     try:
         engine, tokenizer = load_engine(args, base, adapters)
-    except (FileNotFoundError, ValueError, OSError, ModelLoadError) as error:
+    except (FileNotFoundError, ValueError, OSError, ModelLoadError, AdapterLoadError) as error:
         sock.close()
         print(f"lorakit serve: error: {error}", file=sys.stderr)
         return 1

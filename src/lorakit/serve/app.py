@@ -476,10 +476,31 @@ def stop_token_ids(engine: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _field_path(location: Sequence[Any]) -> list[str]:
+    """A pydantic error location as the request's field path: without ``body`` and union member tags
+    (``str``, ``list[int]``, ``TextPart``, ...), which name a type, not a field."""
+    path = []
+    for part in location:
+        if isinstance(part, int):
+            path.append(str(part))
+        elif part != "body" and not ("[" in part or part in _TYPE_TAGS or part[:1].isupper()):
+            path.append(part)
+    return path
+
+
 def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
-    """OpenAI-style message and ``param`` for the first of pydantic's validation errors of a request body."""
-    error = errors[0]
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    """OpenAI-style message and ``param`` for pydantic's validation errors of a request body.
+
+    One error is reported: the first, or for a field with several (one per member of a union type) the one that
+    got deepest into the value, which is usually the member the client meant.
+    """
+    first = errors[0]
+    same_field = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
+    error = max(same_field, key=lambda e: len(e.get("loc", ())))
+    location = _field_path(error.get("loc", ()))
     param = ".".join(location) or None
     kind = error.get("type", "")
     if kind == "json_invalid":
@@ -495,6 +516,8 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | Non
             return f"'{name}' is not supported by lorakit serve.", param
         return f"Unrecognized request argument supplied: {param}", param
     if kind == "missing":
+        if param is None:
+            return "The request has no body; expected a JSON object.", None
         return f"Missing required parameter: '{param}'.", param
     if kind == "model_attributes_type" and not location:
         return "The request body must be a JSON object.", None
@@ -534,6 +557,11 @@ def create_app(engine: Any, tokenizer: Any, *, base_name: str, default_max_token
         return JSONResponse(
             body.body(), status_code=error.status_code, headers=getattr(error, "headers", None)
         )
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, error: Exception) -> JSONResponse:
+        message = f"The server had an error while processing your request ({type(error).__name__}: {error})."
+        return APIError(500, message, type="server_error").response()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -575,16 +603,10 @@ def create_app(engine: Any, tokenizer: Any, *, base_name: str, default_max_token
             )
         try:
             await run_in_threadpool(engine.load_adapter, body.name, body.path)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except Exception as error:  # a missing folder, another base's adapter, an unknown method, ...
             raise APIError(
-                400, f"Could not load the adapter from {body.path}: {_reason(error)}", param="path"
+                400, f"Could not load the adapter from {body.path}: {reason_of(error)}", param="path"
             ) from error
-        except Exception as error:
-            if type(error).__module__.startswith("lorakit."):  # ModelLoadError, ConfigError, ...
-                raise APIError(
-                    400, f"Could not load the adapter from {body.path}: {error}", param="path"
-                ) from error
-            raise
         return ModelCard(id=body.name, created=now(), parent=base_name)
 
     @app.delete("/v1/adapters/{name:path}")
@@ -604,10 +626,12 @@ def create_app(engine: Any, tokenizer: Any, *, base_name: str, default_max_token
     return app
 
 
-def _reason(error: BaseException) -> str:
+def reason_of(error: BaseException) -> str:
     if isinstance(error, KeyError) and error.args:
         return str(error.args[0])
-    return str(error) or type(error).__name__
+    if isinstance(error, (OSError, ValueError)) or type(error).__module__.startswith("lorakit."):
+        return str(error) or type(error).__name__
+    return f"{type(error).__name__}: {error}"
 
 
 def _jsonable(value: Any) -> Any:
