@@ -218,15 +218,15 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             print(f"lorakit serve: error: --{name} must be >= 1, got {value}.", file=sys.stderr)
             return 2
+    if not 0 <= args.port <= 65535:
+        print(f"lorakit serve: error: --port must be in 0..65535, got {args.port}.", file=sys.stderr)
+        return 2
     try:
         base, adapters = plan(args)
     except UsageError as error:
         print(f"lorakit serve: error: {error}", file=sys.stderr)
         return 2
-    except (
-        FileNotFoundError,
-        ValueError,
-    ) as error:  # not an adapter folder, an unreadable adapter_config.json
+    except (FileNotFoundError, ValueError) as error:  # not an adapter folder, a broken adapter_config.json
         print(f"lorakit serve: error: {error}", file=sys.stderr)
         return 1
     base_name = served_base_name(base, args.base_name)
@@ -235,7 +235,11 @@ def run(args: argparse.Namespace) -> int:
             f"lorakit serve: error: the adapter name {base_name!r} is the base model's name.", file=sys.stderr
         )
         return 2
-    sock = listen(args.host, args.port)  # fails early when the port is taken
+    try:
+        sock = listen(args.host, args.port)  # fails early when the port is taken
+    except OSError as error:
+        print(f"lorakit serve: error: {error.strerror}", file=sys.stderr)
+        return 1
     pin_threads()
     try:
         engine, tokenizer = load_engine(args, base, adapters)
@@ -257,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        engine.stop(drain=True)
+        engine.stop(drain=not server.force_exit)  # a second Ctrl-C: drop what is still generating
         sock.close()
     print("lorakit serve: stopped.", flush=True)
     return 0
