@@ -408,6 +408,8 @@ class Server:
             result = await unless_disconnected(request, collect(), handle)
         except EngineFailure as error:
             return APIError(500, str(error), type="server_error").response()
+        finally:
+            handle.cancel()  # a no-op once finished; frees the slot if anything above failed
         if result is None:
             return Response(status_code=499)  # the client is gone; nothing is sent
         text, reason = result
