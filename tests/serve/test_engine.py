@@ -417,8 +417,9 @@ def test_decode_error_fails_the_running_requests_and_the_engine_goes_on():
         if calls["n"] == 3:
             raise RuntimeError("boom")
 
-    hook = model.get_base_model().lm_head.register_forward_pre_hook(explode)
     engine = BatchEngine(model, TOKENIZER)
+    assert engine.runner.mixable("a0")  # its probe forward is done before the hook counts
+    hook = model.get_base_model().lm_head.register_forward_pre_hook(explode)
     engine.start()
     try:
         events = list(engine.submit(GenerationRequest(ids("fail"), "a0", 10)).events(timeout=60))
@@ -505,3 +506,31 @@ def test_an_engine_bug_fails_the_running_requests_not_the_thread(model):
         assert engine.stats["active"] == 0
     finally:
         engine.stop()
+
+
+def test_adalora_adapters_run_as_sub_batches():
+    """AdaLoRA refuses mixed batches: each adapter (and the base) gets its own sub-batch, the same tokens."""
+    from lorakit import AdaLoraConfig
+
+    def config(inference: bool) -> AdaLoraConfig:
+        return AdaLoraConfig(
+            init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"], inference_mode=inference
+        )
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(0), config(False), adapter_name="x0")
+    model.add_adapter("x1", config(True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    model.eval()
+    plan = [(ids(PROMPTS[i]), a) for i, a in enumerate(["x0", "x1", BASE_MODEL, "x0"])]
+    expected = [expect(reference(model, p, a, 10)) for p, a in plan]
+    assert len({tuple(tokens) for tokens, _ in expected}) == 4
+    engine = BatchEngine(model, TOKENIZER, max_batch_size=4)
+    assert not any(engine.runner.mixable(a) for a in ["x0", "x1", BASE_MODEL])
+    handles = [engine.submit(req(p, a, 10)) for p, a in plan]
+    engine.start()
+    assert [tokens_of(h) for h in handles] == expected
+    engine.stop()

@@ -1,4 +1,4 @@
-"""Forwards of the served model for rows that use different adapters: prefill one prompt, decode one token per row.
+"""Forwards of the served model for rows that use different adapters: prefill prompts, decode one token per row.
 
 A decode step puts every row in one forward when it can: a LoRA model runs rows of different adapters (and the
 base model, ``"__base__"``) together through :meth:`lorakit.tuner.LoraModel.mixed_batch`. Adapters that cannot
@@ -41,7 +41,9 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------- adapters
     @property
     def is_peft(self) -> bool:
-        return hasattr(self.model, "base_model") and hasattr(self.model, "peft_config")
+        from lorakit.peft_model import PeftModel
+
+        return isinstance(self.model, PeftModel)
 
     def _inner(self) -> nn.Module:
         return self.model.get_base_model() if self.is_peft else self.model
@@ -66,22 +68,16 @@ class ModelRunner:
         return self._mixable[adapter]
 
     def _check_mixable(self, adapter: str) -> bool:
-        from lorakit.lora_layer import LoraLayer
-        from lorakit.tuner import BaseTuner
-
-        tuner = self.model.base_model
-        if type(tuner).mixed_batch is BaseTuner.mixed_batch:
-            return False
+        """Ask the model: a one-token forward with ``mixed_batch([adapter])`` (methods, variants and layer kinds
+        without a mixed path raise there), except for adapters with ``modules_to_save`` copies, which it ignores."""
         if any(adapter in wrapper.modules_to_save for wrapper in self._save_wrappers()):
-            return (
-                False  # mixed_batch routes LoRA layers only: its own copies of whole modules need it active
-            )
-        for _, layer in tuner.adapter_layers():
-            if type(layer)._mixed_batch_forward is LoraLayer._mixed_batch_forward:
-                return False  # mixed_batch sets every layer's rows: this kind raises whatever the adapter
-            variant = getattr(layer, "lora_variant", {}).get(adapter)
-            if variant is not None and not variant.supports_mixed_batch:
-                return False
+            return False  # mixed_batch routes LoRA layers only; whole-module copies need the adapter active
+        probe = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        try:
+            with torch.no_grad(), self.model.base_model.mixed_batch([adapter]):
+                self.model(input_ids=probe, use_cache=False)
+        except Exception:  # noqa: BLE001 -- whatever the reason, these rows run in their own sub-batch
+            return False
         return True
 
     def groups(self, adapters: Sequence[str]) -> list[Group]:
