@@ -7,14 +7,19 @@ Invariants (kept by every method here):
 
 1. **Left padding only.** Row ``b``'s real tokens fill a contiguous suffix of the columns: ``mask[b]`` is
    ``0 ... 0 1 ... 1``. Padding columns hold zeros (:meth:`zero_padding` after a left-padded prefill) and are
-   never attended to (the mask goes to the model as ``attention_mask``). Every decode step appends one real column to every row, so the suffix stays contiguous.
+   never attended to (the mask goes to the model as ``attention_mask``). Every decode step appends one real
+   column to every row, so the suffix stays contiguous.
 2. **Own positions.** The next token of row ``b`` gets position ``mask[b].sum()`` (its number of real tokens),
    so a row sees the same positions (RoPE) and the same keys as it would alone: padding changes nothing but
-   the width of the attention.
+   the width of the attention. (transformers builds the causal part of the mask from column indices, the new
+   column last, and ``attention_mask`` removes the padding columns.)
 3. **No all-padding column.** Column 0 is real in at least one row (:meth:`trim` drops the leading columns
    that are padding in every row after rows leave). Hence ``W`` equals the longest row's length, and never
    exceeds the context the rows were admitted under.
 4. **Shapes agree.** Every initialised layer has ``B`` rows and ``W`` columns, the mask has ``(B, W)``.
+
+The caches are plain ``DynamicCache()`` objects (full-attention ``DynamicLayer`` s, never sliding-window ones,
+which would drop columns on their own).
 
 Operations: :meth:`extend` (admit the rows of another batch, e.g. a fresh prefill: the narrower side is padded
 on the left), :meth:`keep` (drop finished rows by index-select, then :meth:`trim`), :meth:`step_inputs` /
