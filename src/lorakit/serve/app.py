@@ -15,9 +15,7 @@ with OpenAI's status codes (400 instead of FastAPI's 422 for an invalid body).
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +25,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
+from lorakit.serve.errors import (
+    APIError,
+    EngineFailure,
+    jsonable,
+    model_not_found,
+    reason_of,
+    validation_message,
+)
 from lorakit.serve.protocol import (
-    NOT_IMPLEMENTED_FIELDS,
     AdapterLoadRequest,
     AssistantMessage,
     ChatChoice,
@@ -44,110 +49,20 @@ from lorakit.serve.protocol import (
     CompletionChunk,
     CompletionChunkChoice,
     CompletionRequest,
-    ErrorResponse,
     ModelCard,
     ModelList,
     Usage,
     new_id,
     now,
 )
-
-INVALID = "invalid_request_error"
-REPLACEMENT = "\ufffd"  # what decoding an incomplete UTF-8 sequence ends with
-
-
-class APIError(Exception):
-    """An OpenAI-style error response."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = INVALID,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return ErrorResponse.of(self.message, self.type, self.param, self.code).model_dump()
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def model_not_found(model: str) -> APIError:
-    return APIError(
-        404,
-        f"The model `{model}` does not exist or you do not have access to it.",
-        param="model",
-        code="model_not_found",
-    )
-
-
-# ------------------------------------------------------------------------------------------ detokenization
-
-
-class TextStream:
-    """Generated token ids -> text deltas, with stop strings.
-
-    Each :meth:`add` decodes all ids so far (so that multi-token characters and tokenizers that merge spaces
-    decode as they would at once) and returns the new text since the last delta, holding back a trailing
-    incomplete UTF-8 sequence and a tail that could still become a stop string. When the text contains a stop
-    string, :attr:`stopped` is set and the text is cut before it. :meth:`finish` returns what was held back.
-    """
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stops = [stop for stop in stops if stop]
-        self.ids: list[int] = []
-        self.text = ""  # the whole decoded text (cut at a stop string once stopped)
-        self.sent = 0  # characters of text already returned
-        self.stopped = False
-
-    def add(self, token_id: int) -> str:
-        if self.stopped:
-            return ""
-        self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = self._stop_index()
-        if cut is not None:
-            self.stopped = True
-            self.text = self.text[:cut]
-            return self._take(len(self.text))
-        safe = len(self.text.rstrip(REPLACEMENT))
-        return self._take(safe - self._partial_stop(safe))
-
-    def finish(self) -> str:
-        """Everything not yet returned (the final delta)."""
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        if end <= self.sent:
-            return ""
-        delta, self.sent = self.text[self.sent : end], end
-        return delta
-
-    def _stop_index(self) -> int | None:
-        # a stop string can only start in text not returned yet: returned text never ends in part of one
-        start = max(0, self.sent - max((len(stop) for stop in self.stops), default=0))
-        found = [index for stop in self.stops if (index := self.text.find(stop, start)) >= 0]
-        return min(found) if found else None
-
-    def _partial_stop(self, end: int) -> int:
-        """Length of the longest tail of ``text[:end]`` that is the beginning of a stop string."""
-        longest = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, end), longest, -1):
-                if self.text.endswith(stop[:size], 0, end):
-                    longest = size
-                    break
-        return longest
-
-
-# ---------------------------------------------------------------------------------------------- generation
+from lorakit.serve.streaming import (
+    SSE_DONE,
+    EventStreamResponse,
+    TextStream,
+    sse,
+    text_deltas,
+    unless_disconnected,
+)
 
 
 @dataclass
@@ -164,101 +79,6 @@ class Prepared:
     stops: list[str]
     stream: bool
     include_usage: bool
-
-
-class EngineFailure(Exception):
-    """The engine ended a request with an error (or dropped it while shutting down)."""
-
-
-async def _close(iterator: Any) -> None:
-    close = getattr(iterator, "aclose", None)
-    if close is not None:
-        await close()
-
-
-async def text_deltas(handle: Any, stream: TextStream) -> AsyncIterator[tuple[str, str | None]]:
-    """``(text delta, finish_reason or None)`` from a handle's events; the last pair has the finish reason.
-
-    A stop string cancels the handle (its slot is freed) and finishes with ``"stop"``.
-    """
-    events = handle.aevents()
-    try:
-        async for event in events:
-            if event.token_id is not None:
-                delta = stream.add(event.token_id)
-                if stream.stopped:
-                    handle.cancel()
-                    yield delta, "stop"
-                    return
-                if delta:
-                    yield delta, None
-                continue
-            if event.finish_reason in ("stop", "length"):
-                yield stream.finish(), event.finish_reason
-                return
-            if event.finish_reason == "cancelled":
-                raise EngineFailure("The request was cancelled (the server is shutting down).")
-            raise EngineFailure(f"Generation failed: {event.error or event.finish_reason}")
-        raise EngineFailure("The engine ended the request without a final event.")
-    finally:
-        await _close(events)
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def unless_disconnected(request: Request, work: Awaitable[Any], handle: Any) -> Any:
-    """``await work``, but cancel ``handle`` (and ``work``) if the client disconnects first.
-
-    Returns None after a disconnect (nobody is left to answer).
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        handle.cancel()
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    handle.cancel()
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, EngineFailure):
-        pass
-    return None
-
-
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events; the body generator is closed however the response ends (a disconnect included)."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await _close(self.body_iterator)
-
-
-def sse(payload: Any) -> str:
-    if hasattr(payload, "model_dump_json"):
-        return f"data: {payload.model_dump_json()}\n\n"
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
-# --------------------------------------------------------------------------------------------------- the app
 
 
 class Server:
@@ -478,58 +298,6 @@ def stop_token_ids(engine: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
-
-
-def _field_path(location: Sequence[Any]) -> list[str]:
-    """A pydantic error location as the request's field path: without ``body`` and union member tags
-    (``str``, ``list[int]``, ``TextPart``, ...), which name a type, not a field."""
-    path = []
-    for part in location:
-        if isinstance(part, int):
-            path.append(str(part))
-        elif part != "body" and not ("[" in part or part in _TYPE_TAGS or part[:1].isupper()):
-            path.append(part)
-    return path
-
-
-def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
-    """OpenAI-style message and ``param`` for pydantic's validation errors of a request body.
-
-    One error is reported: the first, or for a field with several (one per member of a union type) the one that
-    got deepest into the value, which is usually the member the client meant.
-    """
-    first = errors[0]
-    same_field = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
-    error = max(same_field, key=lambda e: len(e.get("loc", ())))
-    location = _field_path(error.get("loc", ()))
-    param = ".".join(location) or None
-    kind = error.get("type", "")
-    if kind == "json_invalid":
-        return (
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid "
-            f"JSON.) {error.get('msg', '')}".strip(),
-            None,
-        )
-    if kind == "extra_forbidden" and param:
-        name = location[-1]
-        if len(location) == 1 and name in NOT_IMPLEMENTED_FIELDS:
-            return f"'{name}' is not supported by lorakit serve.", param
-        return f"Unrecognized request argument supplied: {param}", param
-    if kind == "missing":
-        if param is None:
-            return "The request has no body; expected a JSON object.", None
-        return f"Missing required parameter: '{param}'.", param
-    if kind == "model_attributes_type" and not location:
-        return "The request body must be a JSON object.", None
-    value = error.get("input")
-    shown = (
-        json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    )
-    return f"Invalid value for '{param}': {error.get('msg', 'invalid')} (got {shown}).", param
-
-
 def create_app(engine: Any, tokenizer: Any, *, base_name: str, default_max_tokens: int) -> FastAPI:
     """The FastAPI app serving ``engine`` (already started) under OpenAI's routes.
 
@@ -568,7 +336,7 @@ def create_app(engine: Any, tokenizer: Any, *, base_name: str, default_max_token
     @app.get("/health")
     async def health() -> dict[str, Any]:
         stats = getattr(engine, "stats", {})
-        return {"status": "ok", "models": [card.id for card in server.models()], "stats": _jsonable(stats)}
+        return {"status": "ok", "models": [card.id for card in server.models()], "stats": jsonable(stats)}
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -626,21 +394,3 @@ def create_app(engine: Any, tokenizer: Any, *, base_name: str, default_max_token
         return {"id": name, "object": "model", "deleted": True}
 
     return app
-
-
-def reason_of(error: BaseException) -> str:
-    if isinstance(error, KeyError) and error.args:
-        return str(error.args[0])
-    if isinstance(error, (OSError, ValueError)) or type(error).__module__.startswith("lorakit."):
-        return str(error) or type(error).__name__
-    return f"{type(error).__name__}: {error}"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
