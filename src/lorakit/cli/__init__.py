@@ -30,6 +30,7 @@ SUBCOMMAND_MODULES = (
     "train",
     "eval",
     "merge",
+    "export",
     "generate",
     "chat",
     "factorize",
