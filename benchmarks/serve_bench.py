@@ -96,22 +96,6 @@ def make_requests(tokenizer, names: list[str], clients: int, per_client: int, vo
     return requests
 
 
-def reference_tokens(model, requests, new_tokens: int) -> list[list[int]]:
-    """Single-request greedy ``generate`` with the request's adapter active (lorakit's model)."""
-    outputs = []
-    for _, adapter, ids in requests:
-        model.set_adapter(adapter)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=torch.tensor([ids]),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        outputs.append(out[0, len(ids) :].tolist())
-    return outputs
-
-
 def run_engine(model, tokenizer, requests, new_tokens: int, clients: int, batch: int):
     """Clients send their requests one after the other; returns (latencies, tokens per request, wall)."""
     from lorakit.serve.engine import BatchEngine, GenerationRequest
@@ -140,7 +124,8 @@ def run_engine(model, tokenizer, requests, new_tokens: int, clients: int, batch:
     return latencies, tokens, wall
 
 
-def run_peft_set_adapter(model, requests, new_tokens: int):
+def run_set_adapter(model, requests, new_tokens: int):
+    """One request at a time: ``set_adapter`` then greedy ``generate`` (lorakit's or PEFT's model)."""
     latencies, tokens = [], []
     started = time.perf_counter()
     for _, adapter, ids in requests:  # arrival order: one at a time, as a queue would serve them
@@ -212,9 +197,11 @@ def main() -> None:
     ours, theirs, tokenizer, names = build(args.model, args.adapters, args.seed)
     vocab = ours.get_base_model().config.vocab_size
     requests = make_requests(tokenizer, names, args.clients, args.requests, vocab)
-    reference = reference_tokens(ours, requests, args.new_tokens)
+    # single-adapter generate on lorakit's model: timed as a mode, and the tokens every mode must reproduce
+    one_at_a_time = run_set_adapter(ours, requests, args.new_tokens)
+    reference = one_at_a_time[1]
     results = [
-        summary("lorakit_set_adapter", *run_peft_set_adapter(ours, requests, args.new_tokens), reference),
+        summary("lorakit_set_adapter", *one_at_a_time, reference),
         summary(
             "lorakit",
             *run_engine(ours, tokenizer, requests, args.new_tokens, args.clients, args.clients),
@@ -223,7 +210,7 @@ def main() -> None:
         summary(
             "serial", *run_engine(ours, tokenizer, requests, args.new_tokens, args.clients, 1), reference
         ),
-        summary("peft_set_adapter", *run_peft_set_adapter(theirs, requests, args.new_tokens), reference),
+        summary("peft_set_adapter", *run_set_adapter(theirs, requests, args.new_tokens), reference),
         summary("peft_mixed", *run_peft_mixed(theirs, requests, args.new_tokens, args.clients), reference),
     ]
     header = f"{args.model}: {len(requests)} requests, {args.clients} clients, {args.adapters} adapters, {args.new_tokens} new tokens, {args.threads} threads"
