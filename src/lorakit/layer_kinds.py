@@ -21,8 +21,6 @@ try:  # GPT-2 style layer that stores its weight as (in, out)
 except ImportError:  # pragma: no cover - transformers is a dependency, but the core works without it
     Conv1D = None
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: a linear layer whose weight is stored (in, out)."""
@@ -60,12 +58,6 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if is_quantized_linear(module):
         return module.dequantize()
     return module.weight
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """A linear-like layer's weight as (out, in) -- transposed for GPT-2 ``Conv1D``, dequantized for 4-bit."""
-    weight = dense_weight(module)
-    return weight.T if is_gpt2_conv1d(module) else weight
 
 
 def adapter_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit import initializers
-from lorakit.layer_kinds import is_gpt2_conv1d, is_quantized_linear, linear_features
+from lorakit.layer_kinds import is_quantized_linear, linear_features
 from lorakit.lora_layer import LoraLayer, init_factors
 from lorakit.lora_ops import lora_update_, mixed_batch_update_, stack_adapters
 
@@ -136,8 +136,3 @@ def _quantize_like(layer, weight: torch.Tensor):
     from lorakit.quant.nf4 import quantize_nf4
 
     return quantize_nf4(weight, blocksize=layer.blocksize)
-
-
-def is_conv1d_base(module: nn.Module) -> bool:
-    """Whether ``module`` needs ``fan_in_fan_out`` (GPT-2 ``Conv1D``)."""
-    return is_gpt2_conv1d(module)
